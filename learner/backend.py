@@ -1,0 +1,32 @@
+"""The interface every learner backend implements (torch now, Megatron-core on GPU).
+
+A backend is plain Python: it owns a model, an optimizer and (optionally) a frozen reference model,
+and knows nothing about Ray, rollout or the controller. ``actors/learner.py`` wraps one per process.
+Losses come from :mod:`learner.losses`, so every backend trains the same objective.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+from learner.batch import TrainBatch
+
+
+class LearnerBackend(Protocol):
+    version: int  # weight version: 0 after load, +1 per optimizer step
+
+    def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
+        """One GRPO update on ``batch`` (this rank's shard); returns diagnostics."""
+
+    def train_sft(self, batch: TrainBatch) -> dict[str, float]:
+        """One SFT update (NLL of the response tokens); returns diagnostics."""
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """``[B, L]`` logprobs of ``batch.input_ids`` under the current weights (no grad)."""
+
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights under Hugging Face names (gathered across model-parallel ranks)."""
+
+    def save_hf(self, path: str) -> None:
+        """Write a Hugging Face checkpoint (config, safetensors, tokenizer) loadable by vLLM."""

@@ -1,0 +1,97 @@
+"""Typed learner configuration, validated once at the edge (before any actor starts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from learner.losses import AGGREGATIONS
+
+BACKENDS = ("torch", "megatron")
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    """Lower PPO clip: the ratio is clamped at ``1 - clip_low``."""
+    clip_high: float = 0.28
+    """Upper PPO clip: ``1 + clip_high`` (DAPO's clip-higher; set equal to clip_low for the paper)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the frozen reference; 0 loads no reference model."""
+    scale_adv_by_std: bool = True
+    """Divide advantages by the group std (GRPO); False is Dr.GRPO."""
+    aggregation: str = "seq_mean_token_mean"
+    """How token losses become one number: token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
+    old_logprobs: str = "learner"
+    """What the PPO ratio is taken against: ``rollout`` (engine logprobs) or ``learner`` (recomputed
+    before the update, with truncated importance weights against the rollout logprobs)."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance weight (``old_logprobs: learner`` only)."""
+
+    def validate(self, where: str = "learner.loss") -> None:
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"{where}.clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0:
+            raise ValueError(f"{where}.clip_high must be >= 0, got {self.clip_high}")
+        if self.kl_coef < 0:
+            raise ValueError(f"{where}.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"{where}.aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                             f"got {self.aggregation!r}")
+        if self.old_logprobs not in ("rollout", "learner"):
+            raise ValueError(f"{where}.old_logprobs must be 'rollout' or 'learner', "
+                             f"got {self.old_logprobs!r}")
+        if self.tis_cap < 1:
+            raise ValueError(f"{where}.tis_cap must be >= 1, got {self.tis_cap}")
+
+
+@dataclass
+class MegatronConfig:
+    """Megatron-core backend settings (GPU only)."""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    expert_parallel: int = 1
+    fp8: str | None = None
+    """None (BF16) or 'hybrid' (E4M3 forward, E5M2 backward) through Transformer Engine."""
+    fp8_recipe: str = "delayed"
+    """'delayed' or 'current' scaling."""
+    moe_router_topk: int | None = None
+    """Override the checkpoint's experts per token."""
+    moe_aux_loss_coef: float = 0.001
+    moe_router_load_balancing: str = "aux_loss"
+    """'aux_loss' or 'none' (aux-loss-free, bias-based: 'seq_aux_loss' / expert bias per mcore)."""
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"
+    """'torch' (Hugging Face model; CPU or GPU) or 'megatron' (Megatron-core + TE, GPU only)."""
+    num_actors: int = 1
+    """Data-parallel learner actors (gloo on CPU, NCCL on GPU)."""
+    gpus_per_actor: float = 0.0
+    """GPUs per learner actor; 0 trains on CPU."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    """Sequences per forward/backward; gradients accumulate to one optimizer step per batch."""
+    dtype: str = "float32"
+    """Training dtype of the parameters: float32 | bfloat16."""
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+
+    def validate(self, where: str = "learner") -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{where}.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.num_actors < 1:
+            raise ValueError(f"{where}.num_actors must be >= 1, got {self.num_actors}")
+        if self.lr <= 0:
+            raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"{where}.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"{where}.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.backend == "megatron" and self.gpus_per_actor < 1:
+            raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor >= 1 "
+                             "(Megatron-core's forward pass needs CUDA); use backend=torch on CPU")
+        self.loss.validate(f"{where}.loss")

@@ -1,0 +1,163 @@
+"""GRPO and SFT losses as small pure tensor functions, shared by every learner backend.
+
+GRPO as in DeepSeekMath (Shao et al. 2024) and DeepSeek-R1: for each prompt sample G completions,
+advantage = (reward - group mean) / group std, a PPO-style clipped ratio, and an optional KL penalty
+to a frozen reference policy with the k3 estimator.
+
+Where this departs from the paper, and why:
+1. Clipping is asymmetric (``clip_low`` / ``clip_high``, as DAPO's "clip-higher"); equal values give
+   the paper's symmetric clip.
+2. Std scaling of the advantage is optional (``scale_by_std=False`` is Dr.GRPO's unbiased variant).
+3. Loss aggregation is selectable: ``"seq_mean_token_mean"`` is the paper's (mean over tokens of each
+   sequence, then over sequences); ``"token_mean"`` averages over all tokens of the batch (DAPO);
+   ``"seq_mean_token_sum_norm"`` sums tokens and divides by a constant (Dr.GRPO).
+4. Samples come from vLLM, possibly a few weight versions behind the learner (asynchronous rollout).
+   The PPO ratio is taken against ``old_logprobs``; the learner passes either the rollout engine's
+   logprobs or its own recomputed ones, and in the second case multiplies each token's loss by the
+   truncated importance weight ``min(exp(old - rollout), tis_cap)`` (Yao et al. 2025, "truncated
+   importance sampling"), which corrects both the engine/learner numerical mismatch and staleness.
+5. The KL term is added to the loss (as in the paper), not folded into the reward.
+
+Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1.0 on real response
+tokens and 0.0 on padding. All functions are differentiable where it makes sense and never modify
+their inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-relative advantages.
+
+    Args:
+        rewards: ``[B]`` scalar reward per completion, groups contiguous (``B = n_groups * G``).
+        group_size: ``G``, completions per prompt.
+        scale_by_std: divide by the group's (unbiased=False) std; a group whose rewards are all
+            equal gets advantage 0 either way.
+
+    Returns:
+        ``[B]`` advantages.
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 4, scale_by_std=False).tolist()
+    [0.5, -0.5, -0.5, 0.5]
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | None = None
+              ) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar (see module docstring, item 3)."""
+    mask = mask.to(loss_tok.dtype)
+    if mode == "token_mean":
+        return (loss_tok * mask).sum() / mask.sum().clamp_min(1.0)
+    if mode == "seq_mean_token_mean":
+        per_seq = (loss_tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return per_seq.mean()
+    if mode == "seq_mean_token_sum_norm":
+        denom = float(norm_len if norm_len is not None else loss_tok.shape[1])
+        return ((loss_tok * mask).sum(1) / denom).mean()
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020): ``exp(r) - r - 1``, ``r = ref - logp``.
+
+    Non-negative, unbiased, and exactly 0 where the logprobs are equal.
+    """
+    log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def truncated_is_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float
+                        ) -> torch.Tensor:
+    """``min(pi_old / pi_rollout, cap)`` per token, detached (module docstring, item 4)."""
+    return torch.exp((old_logprobs - rollout_logprobs).clamp(max=20.0)).clamp(max=cap).detach()
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
+    aggregation: str = "seq_mean_token_mean",
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss with optional k3 KL penalty.
+
+    Args:
+        logprobs: ``[B, T]`` current policy logprobs of the sampled tokens (requires grad).
+        old_logprobs: ``[B, T]`` logprobs of the policy the ratio is taken against.
+        advantages: ``[B]`` (broadcast over tokens) or ``[B, T]``.
+        mask: ``[B, T]`` 1.0 on response tokens.
+        ref_logprobs: ``[B, T]`` frozen reference logprobs, needed when ``kl_coef > 0``.
+        is_weights: ``[B, T]`` optional per-token importance weights (detached).
+
+    Returns:
+        ``(loss, stats)``; stats has ``pg_loss``, ``kl``, ``clip_frac``, ``ratio_mean`` (masked means).
+
+    At ratio 1 the loss is ``-mean(advantage)``:
+
+    >>> lp = torch.zeros(2, 3); m = torch.ones(2, 3)
+    >>> round(grpo_loss(lp, lp, torch.tensor([1., -3.]), m)[0].item(), 4)
+    1.0
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    advantages = advantages.to(logprobs.dtype)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg_tok = -torch.minimum(ratio * advantages, clipped * advantages)
+    if is_weights is not None:
+        pg_tok = pg_tok * is_weights
+    loss_tok = pg_tok
+    fmask = mask.to(logprobs.dtype)
+    n = fmask.sum().clamp_min(1.0)
+    kl_mean = 0.0
+    if ref_logprobs is not None:
+        kl_tok = kl_k3(logprobs, ref_logprobs)
+        kl_mean = float((kl_tok.detach() * fmask).sum() / n)
+        if kl_coef:
+            loss_tok = loss_tok + kl_coef * kl_tok
+    elif kl_coef:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    loss = aggregate(loss_tok, fmask, aggregation, norm_len)
+    with torch.no_grad():
+        is_clipped = ((ratio * advantages) > (clipped * advantages)).to(fmask.dtype)
+        stats = {
+            "pg_loss": float(aggregate(pg_tok.detach(), fmask, aggregation, norm_len)),
+            "kl": kl_mean,
+            "clip_frac": float((is_clipped * fmask).sum() / n),
+            "ratio_mean": float((ratio.detach() * fmask).sum() / n),
+        }
+    return loss, stats
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the target tokens, averaged over all target tokens: ``[B, T] -> []``."""
+    fmask = mask.to(logprobs.dtype)
+    return -(logprobs * fmask).sum() / fmask.sum().clamp_min(1.0)
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean entropy (nats) of the ``[B, T, V]`` distributions over the masked positions."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    fmask = mask.to(ent.dtype)
+    return float((ent * fmask).sum() / fmask.sum().clamp_min(1.0))
