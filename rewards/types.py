@@ -29,3 +29,5 @@ class RewardResult:
     """Why: 'ok', 'wrong', 'no_answer', 'timeout', 'crash', 'sandbox_error', ... (counted in metrics)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Reported but not rewarded, e.g. ``{"reflection_words": 2}``."""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """Per-verifier reason, e.g. ``{"accuracy": "wrong", "format": "ok"}`` (``reason`` is the headline one)."""

@@ -1,0 +1,127 @@
+"""Built-in verifiers: accuracy (math / code), format, language consistency, reward model.
+
+Each is registered by name (see rewards.registry) and is a batched callable
+``(inputs: list[RewardInput], ctx: ScoreContext) -> list[Verdict]``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from rewards.config import RewardConfig
+from rewards.extract import extract_answer
+from rewards.format import format_score
+from rewards.pool import Task
+from rewards.registry import Verdict, register
+from rewards.types import RewardInput
+
+
+class MathAccuracy:
+    """math-verify equivalence of the extracted answer (rewards.extract) to ``RewardInput.answer``.
+
+    Checks run in the pool's killable workers. Identical (gold, answer) pairs are checked once per
+    batch, and definite results (not timeouts or crashes) are remembered in an LRU cache, since a
+    GRPO group often repeats the same final answer.
+
+    Options (``config.options["accuracy"]``): ``max_answer_chars`` (default 2000; longer answers
+    score 0 with reason ``answer_too_long`` without being parsed), ``cache_size`` (default 65536).
+    """
+
+    def __init__(self, config: RewardConfig):
+        opts = config.options.get("accuracy", {})
+        self.timeout_s = config.timeout_s
+        self.max_answer_chars = int(opts.get("max_answer_chars", 2000))
+        self.cache_size = int(opts.get("cache_size", 65536))
+        self.cache: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+
+    def __call__(self, inputs: list[RewardInput], ctx) -> list[Verdict]:
+        out: list[Verdict | None] = [None] * len(inputs)
+        todo: dict[tuple[str, str], list[int]] = {}
+        for i, x in enumerate(inputs):
+            if not isinstance(x.answer, str) or not x.answer.strip():
+                out[i] = Verdict(0.0, "no_gold_answer")
+                continue
+            if not isinstance(x.response, str):
+                out[i] = Verdict(0.0, "bad_response_type")
+                continue
+            pred, why = extract_answer(x.response)
+            if pred is None:
+                out[i] = Verdict(0.0, why)
+            elif len(pred) > self.max_answer_chars or len(x.answer) > self.max_answer_chars:
+                out[i] = Verdict(0.0, "answer_too_long")
+            else:
+                key = (x.answer.strip(), pred)
+                if key in self.cache:
+                    self.cache.move_to_end(key)
+                    ctx.count("math_cache_hits")
+                    out[i] = Verdict(*self.cache[key])
+                else:
+                    todo.setdefault(key, []).append(i)
+        if todo:
+            keys = list(todo)
+            outcomes = ctx.pool.run([Task("math", k, self.timeout_s) for k in keys])
+            ctx.count("verifications", len(keys))
+            for key, o in zip(keys, outcomes):
+                if o.ok:
+                    v = Verdict(float(o.value), o.reason)
+                    self.cache[key] = (v.score, v.reason)
+                    if len(self.cache) > self.cache_size:
+                        self.cache.popitem(last=False)
+                else:
+                    v = Verdict(0.0, o.reason)
+                    ctx.count_failure(o.reason)
+                for i in todo[key]:
+                    out[i] = Verdict(v.score, v.reason)
+        return out  # type: ignore[return-value]
+
+
+class Accuracy:
+    """Dispatches on ``RewardInput.task``: 'math' -> MathAccuracy, 'code' -> CodeAccuracy."""
+
+    def __init__(self, config: RewardConfig):
+        self.math = MathAccuracy(config)
+        self.config = config
+        self._code = None
+
+    def __call__(self, inputs: list[RewardInput], ctx) -> list[Verdict]:
+        out: list[Verdict | None] = [None] * len(inputs)
+        groups: dict[str, list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(x.task, []).append(i)
+        for task, idx in groups.items():
+            if task == "math":
+                verdicts = self.math([inputs[i] for i in idx], ctx)
+            elif task == "code":
+                if self._code is None:
+                    from rewards.code import CodeAccuracy
+                    self._code = CodeAccuracy(self.config)
+                verdicts = self._code([inputs[i] for i in idx], ctx)
+            else:
+                verdicts = [Verdict(0.0, f"unknown_task {task!r}; known: code, math")] * len(idx)
+            for i, v in zip(idx, verdicts):
+                out[i] = v
+        return out  # type: ignore[return-value]
+
+
+@register("accuracy")
+def _accuracy(config: RewardConfig) -> Accuracy:
+    return Accuracy(config)
+
+
+@register("format")
+def _format(config: RewardConfig):
+    def verify(inputs: list[RewardInput], ctx) -> list[Verdict]:
+        return [Verdict(*format_score(x.response)) if isinstance(x.response, str)
+                else Verdict(0.0, "bad_response_type") for x in inputs]
+    return verify
+
+
+@register("language")
+def _language(config: RewardConfig):
+    from rewards.language import LanguageConsistency
+    return LanguageConsistency(config)
+
+
+@register("reward_model")
+def _reward_model(config: RewardConfig):
+    from rewards.reward_model import RewardModelVerifier
+    return RewardModelVerifier(config)

@@ -1,0 +1,39 @@
+"""WorkerPool: hangs are killed at the deadline, crashes are reported, dead workers are replaced."""
+import pytest
+
+from rewards.pool import Task, WorkerPool
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = WorkerPool(2)
+    assert p.wait_ready()
+    yield p
+    p.close()
+
+
+def test_results_in_order(pool):
+    out = pool.run([Task("math", (str(i), str(i if i % 2 else i + 1)), 5.0) for i in range(6)])
+    assert [o.value for o in out] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert all(o.ok for o in out)
+
+
+def test_timeout_crash_and_recovery(pool):
+    out = pool.run([Task("sleep", 30, 0.3), Task("crash", None, 5.0), Task("ping", None, 5.0),
+                    Task("nope", None, 5.0)])
+    assert (out[0].ok, out[0].reason) == (False, "timeout")
+    assert out[0].wall_s < 5
+    assert not out[1].ok and out[1].reason == "crash (exit 3)"
+    assert out[2].value == "pong"
+    assert out[3].reason == "unknown task kind 'nope'"
+    assert pool.counters["worker_crashes"] >= 1
+    # the pool is whole again and still works
+    assert [o.value for o in pool.run([Task("ping", None, 30.0)] * 3)] == ["pong"] * 3
+    assert len(pool._workers) == 2
+
+
+def test_closed_pool_refuses():
+    p = WorkerPool(1)
+    p.close()
+    with pytest.raises(RuntimeError):
+        p.run([Task("ping", None, 1.0)])

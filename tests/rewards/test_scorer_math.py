@@ -1,0 +1,89 @@
+"""Scorer contract + math accuracy through the killable worker pool."""
+import pytest
+
+from rewards import RewardConfig, RewardInput, RewardResult, build_scorer, known_verifiers
+
+
+def R(answer_text, think="ok let me see"):
+    return f"{think}</think>\n<answer>{answer_text}</answer>"
+
+
+@pytest.mark.parametrize("pred,gold,score", [
+    ("4", "4", 1.0),
+    ("\\frac{1}{2}", "0.5", 1.0),
+    ("0.5", "\\frac{1}{2}", 1.0),
+    ("1/2", "\\frac12", 1.0),
+    ("\\dfrac{3}{4}", "3/4", 1.0),
+    ("\\{2,1\\}", "\\{1,2\\}", 1.0),                 # sets are unordered
+    ("(0,1]", "(0,1]", 1.0),
+    ("[0,1]", "(0,1]", 0.0),                         # intervals: closedness matters
+    ("x = 5", "5", 1.0),
+    ("1+x^2", "x^2+1", 1.0),
+    ("2^{1/2}", "\\sqrt{2}", 1.0),
+    ("The answer is $12$.", "12", 1.0),
+    ("1,000", "1000", 1.0),
+    ("5", "6", 0.0),
+    ("-3", "3", 0.0),
+    ("\\pi", "3.14", 0.0),
+])
+def test_math_equivalence(math_scorer, pred, gold, score):
+    r = math_scorer.score_batch([RewardInput(R(pred), answer=gold)])[0]
+    assert r.components["accuracy"] == score, r
+
+
+def test_boxed_fallback_and_multiple_boxed(math_scorer):
+    rs = math_scorer.score_batch([
+        RewardInput("so the result is \\boxed{12}", answer="12"),
+        RewardInput("either \\boxed{12} or \\boxed{13}", answer="12"),
+        RewardInput(R("\\boxed{12} \\boxed{13}"), answer="12"),
+        RewardInput("no answer at all", answer="12"),
+    ])
+    assert [r.components["accuracy"] for r in rs] == [1.0, 0.0, 0.0, 0.0]
+    assert [r.reason for r in rs] == ["ok", "multiple_boxed", "multiple_boxed", "no_answer"]
+
+
+def test_weighted_composition_order_and_reasons(math_scorer):
+    inputs = [RewardInput(R("7"), answer="7"), RewardInput("7", answer="7"),
+              RewardInput(R("8"), answer="7"), RewardInput("\\boxed{7}", answer="7")]
+    rs = math_scorer.score_batch(inputs)
+    assert len(rs) == 4 and all(isinstance(r, RewardResult) for r in rs)
+    assert [r.score for r in rs] == [1.1, 0.0, 0.1, 1.0]
+    assert [r.components for r in rs] == [
+        {"accuracy": 1.0, "format": 1.0}, {"accuracy": 0.0, "format": 0.0},
+        {"accuracy": 0.0, "format": 1.0}, {"accuracy": 1.0, "format": 0.0}]
+    assert rs[2].reason == "wrong" and rs[2].reasons == {"accuracy": "wrong", "format": "ok"}
+    assert rs[1].reasons["format"] == "missing </think>"
+
+
+def test_bad_samples_never_raise(math_scorer):
+    rs = math_scorer.score_batch([RewardInput(None, answer="1"), RewardInput(R("1"), answer=None),
+                                  RewardInput(R("1"), answer="1", task="poetry"),
+                                  RewardInput(R("1"), answer="1")])
+    assert [r.components["accuracy"] for r in rs] == [0.0, 0.0, 0.0, 1.0]
+    assert rs[0].reason == "bad_response_type" and rs[1].reason == "no_gold_answer"
+    assert rs[2].reason.startswith("unknown_task 'poetry'")
+    assert math_scorer.score_batch([]) == []
+
+
+def test_stats_count(math_scorer):
+    before = math_scorer.stats()
+    math_scorer.score_batch([RewardInput(R(str(i)), answer=str(i)) for i in range(5)])
+    after = math_scorer.stats()
+    assert after["verifications"] - before["verifications"] == 5
+    assert after["samples"] - before["samples"] == 5
+    assert after["verifications_per_s"] > 0
+
+
+def test_unknown_verifier_lists_known():
+    with pytest.raises(KeyError) as e:
+        build_scorer(RewardConfig(weights={"accuracy": 1.0, "acuracy": 1.0}))
+    assert "unknown verifier 'acuracy'" in str(e.value)
+    for name in known_verifiers():
+        assert name in str(e.value)
+
+
+def test_format_only_scorer_starts_no_workers():
+    s = build_scorer(RewardConfig(weights={"format": 1.0}))
+    assert s.score_batch([RewardInput(R("x"))])[0].score == 1.0
+    assert s.ctx._pool is None
+    s.close()
