@@ -28,6 +28,11 @@ class TrainBatch:
                                                    self.response_mask, self.rollout_logprobs,
                                                    self.advantages)))
 
+    def to(self, device) -> "TrainBatch":
+        return TrainBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                   self.response_mask, self.rollout_logprobs,
+                                                   self.advantages)))
+
     def shard(self, rank: int, world: int) -> "TrainBatch":
         """Contiguous shard ``rank`` of ``world`` (data parallel); sizes differ by at most one."""
         n = len(self)

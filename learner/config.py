@@ -25,6 +25,8 @@ class LossConfig:
     before the update, with truncated importance weights against the rollout logprobs)."""
     tis_cap: float = 2.0
     """Cap of the truncated importance weight (``old_logprobs: learner`` only)."""
+    norm_len: int = 0
+    """Constant divisor of ``seq_mean_token_sum_norm``; 0 means the rollout's max_tokens."""
 
     def validate(self, where: str = "learner.loss") -> None:
         if not 0 <= self.clip_low < 1:

@@ -1,0 +1,89 @@
+"""Rollout actors: one vLLM engine each (``rollout.engine.VllmEngine``), and the pool around them."""
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from actors.common import get_all
+from rollout.datasets import PromptRecord
+from rollout.engine import RolloutConfig, VllmEngine
+from rollout.types import to_arrow
+from rollout.weights import GroupSpec, TensorMeta
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class RolloutActor:
+    """Thin Ray wrapper: every method forwards to the engine. Results travel as Arrow batches."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, index: int):
+        logging.basicConfig(level=logging.INFO)
+        self.engine = VllmEngine(model_path, cfg, index)
+        self.index = index
+
+    def ready(self) -> dict:
+        return {"index": self.index, "start_s": self.engine.start_s}
+
+    def generate(self, records: list[PromptRecord], n: int | None = None,
+                 temperature: float | None = None) -> dict:
+        samples, stats = self.engine.generate(records, n, temperature)
+        return {"batch": to_arrow(samples), "stats": stats}
+
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self.engine.logprobs_of(prompt_ids, response_ids)
+
+    def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
+        return self.engine.init_weight_group(spec, rank_offset)
+
+    def receive_weights(self, metas: list[TensorMeta], bucket_bytes: int, version: int) -> int:
+        return self.engine.receive_weights(metas, bucket_bytes, version)
+
+    def load_weights(self, named: list, version: int) -> int:
+        return self.engine.load_weights(named, version)
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class RolloutPool:
+    """``cfg.num_actors`` engines; scale by changing that number (each engine is independent)."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, num_cpus: float = 1.0):
+        self.cfg = cfg
+        opts = {"num_cpus": num_cpus, "num_gpus": cfg.gpus_per_actor,
+                "runtime_env": {"env_vars": {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                                             "VLLM_USE_FLASHINFER_SAMPLER": "0",
+                                             "HF_HUB_OFFLINE": "1"}}}
+        self.actors = [RolloutActor.options(name=None, **opts).remote(model_path, cfg, i)
+                       for i in range(cfg.num_actors)]
+        info = get_all([a.ready.remote() for a in self.actors], "rollout engine start",
+                       cfg.start_timeout_s)
+        self.start_s = max(i["start_s"] for i in info)
+        self.alive = set(range(len(self.actors)))
+        log.info("rollout pool: %d engine(s) up (slowest start %.1fs)", len(self.actors), self.start_s)
+
+    def mark_dead(self, index: int, why: str) -> None:
+        if index in self.alive:
+            self.alive.discard(index)
+            log.error("rollout engine %d removed from the pool: %s", index, why)
+        if not self.alive:
+            raise RuntimeError(f"every rollout engine is dead (last: engine {index}: {why})")
+
+    def live(self) -> list[tuple[int, "ray.actor.ActorHandle"]]:
+        return [(i, self.actors[i]) for i in sorted(self.alive)]
+
+    def workers_per_engine(self) -> int:
+        return self.cfg.tensor_parallel
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - teardown: the kill below still happens
+                pass
+            ray.kill(a)

@@ -1,0 +1,103 @@
+"""Run-directory outputs: metrics.jsonl, eval.jsonl, TensorBoard scalars, Parquet trajectories, and a
+one-line summary per step on the terminal. Also the per-phase timer of the controller loop."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import pyarrow.parquet as pq
+
+from rollout.types import ARROW_SCHEMA, Sample, to_arrow
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """``with timer("train"): ...`` accumulates seconds per phase; ``pop()`` returns and resets."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = {f"time_{k}_s": v for k, v in self.times.items()}, {}
+        return out
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, tensorboard: bool = True):
+        self.dir = run_dir
+        os.makedirs(os.path.join(run_dir, "trajectories"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._eval = open(os.path.join(run_dir, "eval.jsonl"), "a")
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                log.warning("TensorBoard disabled: %s", e)
+
+    def _tb(self, prefix: str, row: dict, step: int) -> None:
+        if self.tb is None:
+            return
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.tb.flush()
+
+    def metrics(self, row: dict, global_step: int) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        self._tb(row.get("stage", "train"), row, global_step)
+
+    def eval(self, row: dict, global_step: int) -> None:
+        self._eval.write(json.dumps(row) + "\n")
+        self._eval.flush()
+        self._tb("eval", row, global_step)
+
+    def trajectories(self, name: str, samples: list[Sample]) -> None:
+        """Append samples to ``trajectories/<name>.parquet`` (one row group per call)."""
+        if not samples:
+            return
+        w = self._writers.get(name)
+        if w is None:
+            w = pq.ParquetWriter(os.path.join(self.dir, "trajectories", f"{name}.parquet"), ARROW_SCHEMA)
+            self._writers[name] = w
+        w.write_batch(to_arrow(samples))
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        self._metrics.close()
+        self._eval.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_line(row: dict) -> str:
+    keys = [("step", "{:d}"), ("reward_mean", "{:.3f}"), ("accuracy_mean", "{:.3f}"),
+            ("format_mean", "{:.2f}"), ("response_len_mean", "{:.1f}"), ("kl", "{:.4f}"),
+            ("clip_frac", "{:.3f}"), ("entropy", "{:.3f}"), ("staleness_mean", "{:.2f}"),
+            ("samples_dropped", "{:d}"), ("time_step_s", "{:.1f}s")]
+    parts = []
+    for k, fmt in keys:
+        if k in row:
+            try:
+                parts.append(f"{k.replace('_mean', '')}={fmt.format(row[k])}")
+            except (ValueError, TypeError):
+                parts.append(f"{k}={row[k]}")
+    return " ".join(parts)

@@ -1,0 +1,157 @@
+"""The torch learner backend: a Hugging Face causal LM trained with plain torch, on CPU or GPU.
+
+Data parallel over ``torch.distributed`` (gloo on CPU, NCCL on GPU) when the default process group
+is initialised with more than one rank (``actors.learner`` does that): every rank trains on its
+shard of the batch and gradients are summed with ``all_reduce`` after being scaled by the rank's
+share of the *global* token (or sequence) count, so the update equals the single-process one.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+
+from learner.batch import TrainBatch
+from learner.config import LearnerConfig
+from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
+
+log = logging.getLogger(__name__)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, return_logits: bool = False):
+    """``[B, L]`` logprob of each token given its prefix (position 0 gets 0)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
+    return (lp, logits) if return_logits else lp
+
+
+class TorchBackend:
+    """:class:`learner.backend.LearnerBackend` on a ``transformers`` model."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float = 1.0,
+                 device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.temperature = temperature
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available()
+                                              and cfg.gpus_per_actor > 0 else "cpu"))
+        dtype = getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model.train()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.ref = None
+        if cfg.loss.kl_coef > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+            self.ref.eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                     weight_decay=cfg.weight_decay)
+        self.version = 0
+
+    # ---- distributed helpers ------------------------------------------------------------------
+    @staticmethod
+    def _world() -> int:
+        import torch.distributed as dist
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _global_sum(self, x: float) -> float:
+        if self._world() == 1:
+            return x
+        import torch.distributed as dist
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _reduce_grads(self) -> None:
+        if self._world() == 1:
+            return
+        import torch.distributed as dist
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+    def _step(self) -> float:
+        self._reduce_grads()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.version += 1
+        return float(norm)
+
+    def _micro(self, batch: TrainBatch) -> Iterator[TrainBatch]:
+        for i in range(0, len(batch), self.cfg.micro_batch_size):
+            yield batch.slice(i, i + self.cfg.micro_batch_size).to(self.device)
+
+    # ---- LearnerBackend -----------------------------------------------------------------------
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
+        model = model or self.model
+        out = [token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature).cpu()
+               for mb in self._micro(batch)]
+        width = batch.input_ids.shape[1]
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])
+
+    def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
+        lc = self.cfg.loss
+        token_level = lc.aggregation == "token_mean"
+        local_units = float(batch.response_mask.sum()) if token_level else float(len(batch))
+        total_units = self._global_sum(local_units)
+        sums: dict[str, float] = {}
+        for mb in self._micro(batch):
+            with torch.no_grad():
+                ref_lp = (token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)
+                          if self.ref is not None else None)
+                if lc.old_logprobs == "learner":
+                    old_lp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+                    is_w = truncated_is_weight(old_lp, mb.rollout_logprobs, lc.tis_cap)
+                else:
+                    old_lp, is_w = mb.rollout_logprobs, None
+            lp, logits = token_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                        self.temperature, return_logits=True)
+            mask = mb.response_mask
+            loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high,
+                                 ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None)
+            units = float(mask.sum()) if token_level else float(len(mb))
+            (loss * (units / total_units)).backward()
+            ntok = float(mask.sum())
+            with torch.no_grad():
+                st["entropy"] = masked_entropy(logits, mask[:, 1:])
+                st["logprob_mismatch"] = float(((lp.detach() - mb.rollout_logprobs).abs() * mask).sum()
+                                               / mask.sum().clamp_min(1))
+                if is_w is not None:
+                    st["is_weight_mean"] = float((is_w * mask).sum() / mask.sum().clamp_min(1))
+            st["loss"] = float(loss)
+            for k, v in st.items():  # token-weighted means over micro-batches
+                sums[k] = sums.get(k, 0.0) + v * ntok
+            sums["_tokens"] = sums.get("_tokens", 0.0) + ntok
+        grad_norm = self._step()
+        ntok = max(sums.pop("_tokens", 0.0), 1.0)
+        out = {k: v / ntok for k, v in sums.items()}
+        out["grad_norm"] = grad_norm
+        return out
+
+    def train_sft(self, batch: TrainBatch) -> dict[str, float]:
+        total = self._global_sum(float(batch.response_mask.sum()))
+        loss_sum = 0.0
+        for mb in self._micro(batch):
+            lp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, 1.0)
+            n = float(mb.response_mask.sum())
+            loss = sft_loss(lp, mb.response_mask)
+            (loss * (n / total)).backward()
+            loss_sum += float(loss) * n
+        grad_norm = self._step()
+        return {"sft_loss": loss_sum / max(float(batch.response_mask.sum()), 1.0),
+                "grad_norm": grad_norm}
+
+    def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():
+            yield name, p.detach()
+
+    def save_hf(self, path: str) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)

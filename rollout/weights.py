@@ -1,0 +1,153 @@
+"""Weight receiving: the engine side of weight sync, and the wire format both sides share.
+
+The learner (rank 0) broadcasts its weights, under Hugging Face names, to every rollout engine
+worker (ranks 1..N) over a dedicated ``torch.distributed`` process group: gloo on CPU, NCCL on GPU.
+The group is built directly from a ``TCPStore`` so it never touches the default process group that
+vLLM or the learner may already use. Tensors travel in buckets: one flat tensor per (dtype, bucket),
+planned from metadata both sides agree on before any byte moves.
+
+This module also holds the vLLM worker extension (:class:`WorkerExtension`), which vLLM loads into
+each worker process (``worker_extension_cls``) and which the engine drives through
+``collective_rpc``.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Where and how to form the weight-sync process group."""
+    host: str
+    port: int
+    world_size: int
+    backend: str  # "gloo" | "nccl"
+    timeout_s: float = 300.0
+
+
+def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Group tensor indices into buckets of one dtype and at most ``bucket_bytes`` (a bigger tensor
+    gets a bucket of its own). Deterministic, so sender and receivers plan the same buckets."""
+    buckets: list[list[int]] = []
+    open_: dict[str, tuple[list[int], int]] = {}
+    for i, m in enumerate(metas):
+        size = m.numel * DTYPES[m.dtype].itemsize
+        cur, used = open_.get(m.dtype, ([], 0))
+        if cur and used + size > bucket_bytes:
+            buckets.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        open_[m.dtype] = (cur, used + size)
+    buckets.extend(b for b, _ in open_.values() if b)
+    return buckets
+
+
+def make_group(spec: GroupSpec, rank: int):
+    """A process group of ``spec.world_size`` ranks that does not use the default group."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=(rank == 0),
+                          timeout=timeout, wait_for_workers=False)
+    store = dist.PrefixStore("aha-weights", store)
+    if spec.backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, spec.world_size, timeout)
+    if spec.backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, spec.world_size, opts)
+    raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {spec.backend!r}")
+
+
+def broadcast(pg, tensor: torch.Tensor, root: int = 0) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    pg.broadcast([tensor], opts).wait()
+
+
+def send_buckets(pg, named: list[tuple[str, torch.Tensor]], metas: list[TensorMeta],
+                 bucket_bytes: int, device: torch.device) -> int:
+    """Rank 0: broadcast every bucket; returns bytes sent."""
+    sent = 0
+    for idx in plan_buckets(metas, bucket_bytes):
+        flat = torch.cat([named[i][1].detach().reshape(-1).to(device=device,
+                                                             dtype=DTYPES[metas[i].dtype])
+                          for i in idx])
+        broadcast(pg, flat)
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def recv_buckets(pg, metas: list[TensorMeta], bucket_bytes: int, device: torch.device
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Ranks > 0: receive every bucket and yield ``(name, tensor)`` views into it."""
+    for idx in plan_buckets(metas, bucket_bytes):
+        dtype = DTYPES[metas[idx[0]].dtype]
+        flat = torch.empty(sum(metas[i].numel for i in idx), dtype=dtype, device=device)
+        broadcast(pg, flat)
+        off = 0
+        for i in idx:
+            m = metas[i]
+            yield m.name, flat[off:off + m.numel].view(m.shape)
+            off += m.numel
+
+
+def metas_of(named: Iterable[tuple[str, torch.Tensor]], dtype: str | None = None) -> list[TensorMeta]:
+    return [TensorMeta(n, dtype or str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
+
+
+class WorkerExtension:
+    """Mixed into each vLLM worker (``LLM(worker_extension_cls="rollout.weights.WorkerExtension")``).
+
+    Methods run inside the worker process, called through ``LLM.collective_rpc``. ``self`` is vLLM's
+    worker: ``self.model_runner.model`` is the model, ``self.device`` its device, ``self.rank`` its
+    rank inside the engine.
+    """
+
+    def aha_init_weight_group(self, spec: GroupSpec, rank_offset: int) -> int:
+        rank = rank_offset + getattr(self, "rank", 0)
+        self._aha_pg = make_group(spec, rank)
+        return rank
+
+    def aha_receive_weights(self, metas: list[TensorMeta], bucket_bytes: int) -> int:
+        model = self.model_runner.model
+        device = getattr(self, "device", torch.device("cpu"))
+        n = 0
+        for name, t in recv_buckets(self._aha_pg, metas, bucket_bytes, device):
+            model.load_weights(weights=[(name, t)])
+            n += 1
+        return n
+
+    def aha_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Load weights passed by value (small models, tests): no process group needed."""
+        model = self.model_runner.model
+        model.load_weights(weights=named)
+        return len(named)
+
+    def aha_close_weight_group(self) -> None:
+        self._aha_pg = None
