@@ -19,24 +19,39 @@ class ActorCallError(RuntimeError):
 
 
 def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -> list[Any]:
-    """``ray.get`` each ref; raise :class:`ActorCallError` naming every failed actor, or
-    ``TimeoutError`` naming the ones still running after ``timeout_s``."""
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        idx = [i for i, r in enumerate(refs) if r in set(pending)]
-        for r in pending:
-            ray.cancel(r, force=False)
-        raise TimeoutError(f"{what}: actor(s) {idx} did not answer within {timeout_s:.0f}s")
-    results, errors = [], {}
-    for i, r in enumerate(refs):
-        try:
-            results.append(ray.get(r))
-        except Exception as e:  # noqa: BLE001 - reported per actor below
-            errors[i] = e
-            results.append(None)
-    if errors:
-        raise ActorCallError(what, errors)
-    return results
+    """``ray.get`` each ref, failing fast: the first failure raises :class:`ActorCallError` (naming
+    every actor failed by then) without waiting for the others, which matters when they are blocked
+    in a collective the failed one will never join. ``TimeoutError`` names the actors still running
+    after ``timeout_s``."""
+    import time
+
+    refs = list(refs)
+    index = {r: i for i, r in enumerate(refs)}
+    results: dict[int, Any] = {}
+    pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            idx = sorted(index[r] for r in pending)
+            for r in pending:
+                ray.cancel(r, force=False)
+            raise TimeoutError(f"{what}: actor(s) {idx} did not answer within {timeout_s:.0f}s")
+        errors = {}
+        for r in done:
+            try:
+                results[index[r]] = ray.get(r)
+            except Exception as e:  # noqa: BLE001 - reported per actor below
+                errors[index[r]] = e
+        if errors:
+            for r in pending:
+                try:
+                    ray.cancel(r)
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+            raise ActorCallError(what, errors)
+    return [results[i] for i in range(len(refs))]
 
 
 def free_port() -> tuple[str, int]:

@@ -161,10 +161,12 @@ class VllmEngine:
 
     # ---- weight sync ----------------------------------------------------------------------
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
-        return self.llm.collective_rpc("aha_init_weight_group", args=(spec, rank_offset))
+        from dataclasses import asdict
+        return self.llm.collective_rpc("aha_init_weight_group", args=(asdict(spec), rank_offset))
 
     def receive_weights(self, metas: list[TensorMeta], bucket_bytes: int, version: int) -> int:
-        n = self.llm.collective_rpc("aha_receive_weights", args=(metas, bucket_bytes))[0]
+        wire = [(m.name, m.dtype, list(m.shape)) for m in metas]
+        n = self.llm.collective_rpc("aha_receive_weights", args=(wire, bucket_bytes))[0]
         self._after_update(version)
         return n
 

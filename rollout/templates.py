@@ -14,8 +14,14 @@ R1_ZERO = (
 )
 """DeepSeek-R1 paper, Table 1; the completion starts inside the think block."""
 
+R1_ZERO_COMPACT = "User: {question} Assistant: <think>"
+"""R1-Zero's conversation and tag format without the instruction paragraph. For the built-in
+character-level tiny model, which cannot read instructions: the paragraph would be ~400 of every
+sequence's ~430 tokens, i.e. ~15x the learner's work for nothing."""
+
 TEMPLATES = {
     "r1_zero": R1_ZERO,
+    "r1_zero_compact": R1_ZERO_COMPACT,
     "plain": "{question}",
     "qa": "Question: {question}\nAnswer:",
 }

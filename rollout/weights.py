@@ -129,24 +129,27 @@ class WorkerExtension:
     rank inside the engine.
     """
 
-    def aha_init_weight_group(self, spec: GroupSpec, rank_offset: int) -> int:
+    # vLLM's collective_rpc serialises arguments with msgspec (dataclasses arrive as dicts and
+    # tuples as lists), so these methods take plain data and rebuild the types.
+    def aha_init_weight_group(self, spec: dict, rank_offset: int) -> int:
         rank = rank_offset + getattr(self, "rank", 0)
-        self._aha_pg = make_group(spec, rank)
+        self._aha_pg = make_group(GroupSpec(**spec), rank)
         return rank
 
-    def aha_receive_weights(self, metas: list[TensorMeta], bucket_bytes: int) -> int:
-        model = self.model_runner.model
+    def aha_receive_weights(self, metas: list, bucket_bytes: int) -> int:
+        metas = [TensorMeta(m[0], m[1], tuple(m[2])) for m in metas]
         device = getattr(self, "device", torch.device("cpu"))
-        n = 0
-        for name, t in recv_buckets(self._aha_pg, metas, bucket_bytes, device):
-            model.load_weights(weights=[(name, t)])
-            n += 1
-        return n
+        # reload_weights restores each layer's checkpoint format before loading and re-applies the
+        # kernel-specific processing afterwards (the CPU backend repacks linear weights), so
+        # weights stream bucket by bucket straight from the process group into the model.
+        self.model_runner.reload_weights(
+            weights_iterator=recv_buckets(self._aha_pg, metas, bucket_bytes, device),
+            is_checkpoint_format=True)
+        return len(metas)
 
     def aha_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
         """Load weights passed by value (small models, tests): no process group needed."""
-        model = self.model_runner.model
-        model.load_weights(weights=named)
+        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         return len(named)
 
     def aha_close_weight_group(self) -> None:
