@@ -37,3 +37,11 @@ def test_closed_pool_refuses():
     p.close()
     with pytest.raises(RuntimeError):
         p.run([Task("ping", None, 1.0)])
+
+
+def test_hang_that_ignores_the_alarm_is_killed(pool):
+    out = pool.run([Task("block", 30, 0.2), Task("ping", None, 5.0)])
+    assert out[0].reason == "timeout" and out[0].wall_s < 3
+    assert out[1].value == "pong"
+    assert pool.counters["worker_kills"] >= 1
+    assert pool.run([Task("ping", None, 30.0)])[0].value == "pong"
