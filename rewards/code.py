@@ -95,6 +95,7 @@ for _i, _t in enumerate(_tests):
         break
     except BaseException as e:
         _report({"i": _t.get("i"), "ok": False, "error": _type(e).__name__ + ": " + str(e)[:200]})
+os._exit(0)  # skip atexit hooks the solution may have registered
 '''
 
 
@@ -242,9 +243,9 @@ def run_code_task(payload: dict) -> dict:
                         seen.add(p["i"])
                 continue
             i = msg.get("i")
-            if not isinstance(i, int) or i in seen or not (0 <= i < len(tests)) or "assert" not in tests[i]:
+            if not isinstance(i, int) or not (0 <= i < len(tests)) or "assert" not in tests[i]:
                 continue
-            seen.add(i)
+            seen.add(i)  # the LAST report for a test wins: the harness reports after the solution ran
             if not msg.get("ok"):
                 statuses[i] = "runtime_error" if not str(msg.get("error", "")).startswith("AssertionError") else "wrong_answer"
                 details[i] = str(msg.get("error", ""))[:200]
@@ -339,3 +340,33 @@ class CodeAccuracy:
                     out[i] = Verdict(0.0, o.reason)
                     ctx.count_failure(o.reason)
         return out  # type: ignore[return-value]
+
+
+def humaneval_tests(test_src: str, entry_point: str) -> list[dict]:
+    """Turn a HumanEval-style ``check(candidate)`` test module into test items.
+
+    Module-level code other than ``check`` becomes one ``setup`` item. If the body of ``check`` is
+    only ``assert`` statements, each becomes its own assert test with ``candidate`` renamed to
+    ``entry_point`` (so ``assert candidate(x) == 3`` is scored with the expected value hidden);
+    otherwise the whole check is one test ``check(entry_point)``.
+
+    >>> humaneval_tests("def check(candidate):\\n    assert candidate(1) == 2\\n", "inc")
+    [{'assert': 'assert inc(1) == 2'}]
+    """
+    tree = ast.parse(test_src)
+    setup = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name == "check")]
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    items: list[dict] = [{"setup": ast.unparse(ast.Module(body=setup, type_ignores=[]))}] if setup else []
+    if len(checks) != 1:
+        raise ValueError("expected exactly one `def check(candidate)`")
+    check = checks[0]
+    arg = check.args.args[0].arg if check.args.args else "candidate"
+    if all(isinstance(s, ast.Assert) for s in check.body):
+        class Rename(ast.NodeTransformer):
+            def visit_Name(self, node):
+                return ast.copy_location(ast.Name(id=entry_point, ctx=node.ctx), node) if node.id == arg else node
+        for stmt in check.body:
+            items.append({"assert": ast.unparse(Rename().visit(stmt))})
+    else:
+        items.append({"assert": ast.unparse(check) + f"\ncheck({entry_point})"})
+    return items
