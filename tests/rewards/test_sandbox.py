@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("needs_sandbox")
     ("import sys; sys.exit(3)", "", "runtime_error"),
     ("while True: pass", "", "timeout"),
     ("x = bytearray(4 << 30)", "", "memory_limit"),
-    ("x = []\nwhile True: x.append(' ' * 4096)", "", "memory_limit"),
+    ("x = []\nwhile True: x.append(bytearray(1 << 20))", "", "memory_limit"),
     ("while True: print('y' * 4096)", "", "output_limit"),
     ("import sys\nwhile True: sys.stderr.write('e' * 4096)", "", "output_limit"),
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "", "runtime_error"),
