@@ -72,6 +72,11 @@ def _handle(kind: str, payload, timeout_s: float):
         return True, None, "ok"
     if kind == "crash":  # tests: a task that kills its worker
         os._exit(3)
+    if kind == "block":  # tests: a hang the soft alarm cannot interrupt (needs the parent's SIGKILL)
+        import time
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(payload)
+        return True, None, "ok"
     return False, None, f"unknown task kind {kind!r}"
 
 

@@ -6,7 +6,8 @@
 
 - a task past its deadline gets its worker SIGKILLed (with the worker's whole process group)
   and scores ``Outcome(ok=False, reason='timeout')``;
-- a worker that dies mid-task gives ``reason='crash (exit N)'`` / ``'crash (signal N)'``;
+- a worker that dies mid-task has the task retried once on another worker (it may have died of
+  something else), then gives ``reason='crash (exit N)'`` / ``'crash (signal N)'``;
 - a dead or killed worker is replaced at once; the replacement imports in the background while
   the other workers keep going;
 - if workers cannot start at all (e.g. a broken install), the remaining tasks fail with
@@ -185,7 +186,8 @@ class WorkerPool:
         if self._closed:
             raise RuntimeError("WorkerPool is closed")
         results: list[Outcome | None] = [None] * len(tasks)
-        queue = deque(range(len(tasks)))
+        queue = self._queue = deque(range(len(tasks)))
+        self._attempts: dict[int, int] = {}
         sel = selectors.DefaultSelector()
         for w in self._workers:
             sel.register(w.fd, selectors.EVENT_READ, w)
@@ -250,7 +252,11 @@ class WorkerPool:
                 results[index] = Outcome(False, None, "timeout", time.monotonic() - w.started)
             else:
                 self.counters["worker_crashes"] += 1
-                results[index] = Outcome(False, None, f"crash ({how})", time.monotonic() - w.started)
+                self._attempts[index] = self._attempts.get(index, 0) + 1
+                if self._attempts[index] < 2:  # the worker may have died of something else: retry once
+                    self._queue.appendleft(index)
+                else:
+                    results[index] = Outcome(False, None, f"crash ({how})", time.monotonic() - w.started)
         elif not was_ready:
             self._start_failures += 1
         w.stderr.close()

@@ -23,6 +23,11 @@ from rewards.registry import Verdict, get_factory
 from rewards.types import RewardInput, RewardResult
 
 
+def reason_kind(reason: str) -> str:
+    """The category of a reason string: 'timeout (0/3 passed): ...' -> 'timeout'."""
+    return reason.split(":")[0].split(" (")[0].strip() or "unknown"
+
+
 class ScoreContext:
     """What verifiers share: the config, the worker pool (started on first use) and counters."""
 
@@ -41,7 +46,7 @@ class ScoreContext:
         self.counters[key] += n
 
     def count_failure(self, reason: str) -> None:
-        kind = reason.split(":")[0].split(" (")[0].strip()
+        kind = reason_kind(reason)
         if kind == "timeout":
             self.counters["timeouts"] += 1
         else:
@@ -102,7 +107,7 @@ class Scorer:
             metrics["response_chars"] = float(len(text))
             results.append(RewardResult(score=round(score, 10), components=components, reason=reason,
                                         metrics=metrics, reasons=reasons))
-            self.ctx.counters[f"reasons/{reason}"] += 1
+            self.ctx.counters[f"reasons/{reason_kind(reason)}"] += 1
         self.ctx.counters["samples"] += n
         self.ctx.counters["batches"] += 1
         self._busy_s += time.monotonic() - t0

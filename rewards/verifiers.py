@@ -5,7 +5,9 @@ Each is registered by name (see rewards.registry) and is a batched callable
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
+from fractions import Fraction
 
 from rewards.config import RewardConfig
 from rewards.extract import extract_answer
@@ -15,12 +17,42 @@ from rewards.registry import Verdict, register
 from rewards.types import RewardInput
 
 
+_INT = re.compile(r"[+-]?\d{1,400}")
+_NUM = re.compile(r"[+-]?(\d{1,400}(\.\d{0,400})?|\.\d{1,400})(/\d{1,400})?")
+
+
+def fast_math_check(gold: str, pred: str) -> tuple[float, str] | None:
+    """Decide plain numbers in the parent, without a worker; None means 'ask math-verify'.
+
+    Integers on both sides decide both ways. Other plain numbers (decimals, a/b) decide only when
+    exactly equal, because math-verify also accepts values equal after rounding (0.3333333 = 1/3).
+
+    >>> fast_math_check("42", "42"), fast_math_check("42", "41"), fast_math_check("0.5", "1/2")
+    ((1.0, 'ok'), (0.0, 'wrong'), (1.0, 'ok'))
+    >>> fast_math_check("1/3", "0.3333333") is None
+    True
+    """
+    g, p = gold.strip(), pred.strip()
+    if _INT.fullmatch(g) and _INT.fullmatch(p):
+        return (1.0, "ok") if int(g) == int(p) else (0.0, "wrong")
+    if _NUM.fullmatch(g) and _NUM.fullmatch(p):
+        try:
+            if Fraction(g) == Fraction(p):
+                return 1.0, "ok"
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
 class MathAccuracy:
     """math-verify equivalence of the extracted answer (rewards.extract) to ``RewardInput.answer``.
 
     Checks run in the pool's killable workers. Identical (gold, answer) pairs are checked once per
     batch, and definite results (not timeouts or crashes) are remembered in an LRU cache, since a
     GRPO group often repeats the same final answer.
+
+    Plain numbers are decided in the parent first (fast_math_check), which makes a batch of
+    integer answers nearly free.
 
     Options (``config.options["accuracy"]``): ``max_answer_chars`` (default 2000; longer answers
     score 0 with reason ``answer_too_long`` without being parsed), ``cache_size`` (default 65536).
@@ -50,7 +82,12 @@ class MathAccuracy:
                 out[i] = Verdict(0.0, "answer_too_long")
             else:
                 key = (x.answer.strip(), pred)
-                if key in self.cache:
+                fast = fast_math_check(*key)
+                if fast is not None:
+                    ctx.count("math_fast_path")
+                    ctx.count("verifications")
+                    out[i] = Verdict(*fast)
+                elif key in self.cache:
                     self.cache.move_to_end(key)
                     ctx.count("math_cache_hits")
                     out[i] = Verdict(*self.cache[key])

@@ -37,3 +37,21 @@ def test_closed_pool_refuses():
     p.close()
     with pytest.raises(RuntimeError):
         p.run([Task("ping", None, 1.0)])
+
+
+def test_hang_that_ignores_the_alarm_is_killed(pool):
+    out = pool.run([Task("block", 30, 0.2), Task("ping", None, 5.0)])
+    assert out[0].reason == "timeout" and out[0].wall_s < 3
+    assert out[1].value == "pong"
+    assert pool.counters["worker_kills"] >= 1
+    assert pool.run([Task("ping", None, 30.0)])[0].value == "pong"
+
+
+def test_worker_killed_between_batches_is_replaced(pool):
+    import os
+    import signal
+    victim = pool._workers[0].proc.pid
+    os.kill(victim, signal.SIGKILL)
+    out = pool.run([Task("ping", None, 30.0) for _ in range(4)])
+    assert [o.value for o in out] == ["pong"] * 4
+    assert victim not in [w.proc.pid for w in pool._workers] and len(pool._workers) == 2

@@ -87,3 +87,58 @@ def test_format_only_scorer_starts_no_workers():
     assert s.score_batch([RewardInput(R("x"))])[0].score == 1.0
     assert s.ctx._pool is None
     s.close()
+
+
+# Known false positives of the math check (math-verify 0.9.0 as called by rewards.mathcheck), pinned so
+# that a change in behaviour is noticed. Each scores 1.0 today although a strict grader would say 0.
+KNOWN_FALSE_POSITIVES = [
+    ("10\\%", "10"),                  # percent sign dropped ...
+    ("10\\%", "0.1"),                 # ... and also read as 0.1: both golds accept "10%"
+    ("\\{1,2\\}", "(1,2)"),           # a set matches an ordered pair / open interval
+    ("A", "a"),                       # symbols compared case-insensitively
+    ("6.283185", "2\\pi"),            # 6-digit decimals match irrational values
+    ("12\\text{ cm}", "12"),          # units are dropped
+    ("2+2=4", "4"),                   # an equation counts as its right-hand side
+]
+
+
+@pytest.mark.parametrize("pred,gold", KNOWN_FALSE_POSITIVES)
+def test_known_false_positives_are_pinned(math_scorer, pred, gold):
+    r = math_scorer.score_batch([RewardInput(R(pred), answer=gold)])[0]
+    assert r.components["accuracy"] == 1.0, "behaviour changed: move this case to test_math_equivalence"
+
+
+HOSTILE_MATH = {
+    "power_tower": "9^{9^{9^9}}",
+    "power_tower_10": "10^{10^{10^{10}}}",
+    "tall_tower": "2^{2^{2^{2^{2^{2}}}}}",
+    "factorial_1e6": "1000000!",
+    "factorial_googol": "(10^{100})!",
+    "five_mb_answer": "1" * (5 << 20),
+    "deep_parens": "(" * 3000 + "1" + ")" * 3000,
+    "unbalanced_braces": "\\frac{1}{2",
+    "unbalanced_box": "\\boxed{\\frac{1}{2}",
+    "nul_bytes": "1\x002\x00",
+    "only_nul": "\x00" * 100,
+    "latex_garbage": "\\left( \\right] \\begin{matrix} & & \\\\",
+}
+
+
+def test_hostile_math_inputs_score_zero_within_timeout(math_scorer):
+    import time
+    names = sorted(HOSTILE_MATH)
+    t0 = time.monotonic()
+    rs = math_scorer.score_batch([RewardInput(f"<answer>{HOSTILE_MATH[n]}</answer>", answer="5") for n in names]
+                                 + [RewardInput(R("5"), answer="5")])
+    wall = time.monotonic() - t0
+    for n, r in zip(names, rs):
+        assert r.components["accuracy"] == 0.0, (n, r)
+        assert r.reason, n
+    assert rs[-1].components["accuracy"] == 1.0          # the scorer is fine right after
+    # every hostile check ends by its deadline (3 s + kill grace); one worker runs them in turn
+    assert wall < len(names) * 4.0
+    st = math_scorer.stats()
+    assert st["timeouts"] >= 3
+    assert {r.reason for r in rs[:-1]} <= {"timeout", "answer_too_long", "wrong", "unparsable", "unbalanced_braces",
+                                          "no_answer", "multiple_boxed"}
+    assert math_scorer.score_batch([RewardInput(R("\\frac{1}{2}"), answer="0.5")])[0].score == 1.1

@@ -1,0 +1,103 @@
+"""Hostile programs: each tries one escape or denial of service through the full scorer.
+
+Each must score 0, leave no process behind, keep the scorer up, and a normal job submitted in the
+same batch must still pass. Run with 1 s timeouts so the suite stays short.
+"""
+import os
+
+import pytest
+
+from rewards import RewardInput
+
+from .conftest import SECRET, sandbox_leftovers
+
+HOST_FILE = "/tmp/aha_hostile_canary.txt"
+EXPECTED_TOKEN = "EXPECTED_9c1b77_TOKEN"
+
+HOSTILE = {
+    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    "fork_bomb_sleepers": "import os, time\nfor _ in range(10000):\n    try:\n        if os.fork() == 0:\n            time.sleep(1000)\n    except OSError:\n        pass\ntime.sleep(1000)",
+    "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(1000,)).start()",
+    "memory_bomb": "x = bytearray(8 << 30)\nprint(1)",
+    "memory_growth": "x = []\nwhile True:\n    x.append(bytearray(1 << 20))",
+    "endless_loop": "while True:\n    pass",
+    "sleep_forever": "import time\ntime.sleep(10**6)",
+    "ignore_sigterm": "import signal, time\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.01)",
+    "stop_self": "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",
+    "endless_output": "while True:\n    print('x' * 10000)",
+    "endless_stderr": "import sys\nwhile True:\n    sys.stderr.write('e' * 10000)",
+    "close_pipes_and_spin": "import os\nos.close(1); os.close(2)\nwhile True:\n    pass",
+    "network_connect": "import socket\ns = socket.create_connection(('1.1.1.1', 80), timeout=0.5)\nprint(3)",
+    "dns_lookup": "import socket\nprint(socket.gethostbyname('pypi.org'))\nprint(3)",
+    "read_parent_environ": "import os, glob\nfor p in glob.glob('/proc/*/environ'):\n    try:\n        print(open(p, 'rb').read())\n    except OSError:\n        pass\nprint(dict(os.environ))",
+    "list_host_processes": "import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nprint(pids)\nassert len(pids) > 5\nprint(3)",
+    "read_host_files": f"for p in ['/etc/passwd', '/etc/shadow', '/root/.bashrc', {HOST_FILE!r}, '/work', '/home']:\n    try:\n        print(open(p).read())\n    except OSError:\n        pass\nprint(3 if False else 4)",
+    "write_outside": f"for p in ['/usr/bin/aha_pwned', '/etc/aha_pwned', {HOST_FILE!r}, '/sandbox/main.py', '/aha_pwned']:\n    try:\n        open(p, 'w').write('pwned')\n        print('WROTE', p)\n    except OSError:\n        pass",
+    "delete_outside": f"import os, shutil\nfor p in ['/usr/bin/python3', {HOST_FILE!r}, '/sandbox/main.py']:\n    try:\n        os.remove(p)\n    except OSError:\n        pass\nshutil.rmtree('/usr', ignore_errors=True)",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\nprint('still here')",
+    "kill_everything": "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\nfor pid in range(2, 5000):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\nprint('still here')",
+    "daemon_left_behind": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1000)\n    os._exit(0)\nprint(4)",
+    "read_expected_output": f"import os, glob\nfound = ''\nfor p in glob.glob('/proc/*/cmdline') + glob.glob('/proc/*/environ') + glob.glob('/sandbox/*') + glob.glob('/proc/self/fd/*'):\n    try:\n        d = open(p, 'rb').read().decode(errors='ignore')\n    except OSError:\n        continue\n    i = d.find('EXPECTED_')\n    if i >= 0:\n        found = d[i:i + 21]\nprint(found or 'nothing')",
+    "gain_privileges": "import os\nos.setuid(0)\nprint(3)",
+    "capabilities_check": "caps = open('/proc/self/status').read().split('CapEff:')[1].split()[0]\nprint(3 if int(caps, 16) else 4)",
+    "mount_tmpfs": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nr = libc.mount(b'none', b'/usr', b'tmpfs', 0, None)\nprint(3 if r == 0 else 4)",
+    "tiocsti_terminal": "import fcntl, termios\nfd = open('/dev/tty', 'wb')\nfcntl.ioctl(fd, termios.TIOCSTI, b'x')\nprint(3)",
+    "fill_tmp": "i = 0\nwhile True:\n    open(f'/tmp/f{i}', 'wb').write(b'a' * (4 << 20)); i += 1",
+    "fill_dev_shm": "open('/dev/shm/x', 'wb').write(b'a' * (64 << 20))",
+    "huge_file": "open('/tmp/big', 'wb').write(b'a' * (256 << 20))",
+    "open_files": "fs = [open('/dev/null') for _ in range(100000)]",
+    "deep_recursion_segfault": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nf(0)",
+    "exit_zero_early": "import os\nos._exit(0)",
+    "raise_systemexit_in_atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)",
+    "nice_and_rlimit_raise": "import os, resource\nos.nice(-20)\nresource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6))\nprint(3)",
+}
+
+# what a normal job looks like: reads two ints, prints their sum
+NORMAL = RewardInput(response="```python\na, b = map(int, input().split())\nprint(a + b)\n```", task="code",
+                     tests=[{"stdin": "1 2", "expected": "3"}, {"stdin": "40 2", "expected": "42"}])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def canary():
+    with open(HOST_FILE, "w") as f:
+        f.write("canary")
+    yield
+    os.remove(HOST_FILE)
+
+
+def test_there_are_at_least_25_hostile_programs():
+    assert len(HOSTILE) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_program_is_contained(code_scorer, name):
+    # a program prints 3 (the expected answer) only if its attack worked; kill attacks print nothing
+    # useful either way and are judged by the scorer surviving and the normal job passing
+    hostile = RewardInput(response=f"```python\n{HOSTILE[name]}\n```", task="code",
+                          tests=[{"stdin": "", "expected": "3" if name != "read_expected_output" else EXPECTED_TOKEN}])
+    before = code_scorer.stats()
+    r_hostile, r_normal = code_scorer.score_batch([hostile, NORMAL])
+    assert r_hostile.score == 0.0, (name, r_hostile)
+    assert r_hostile.reason != "ok" and r_hostile.reason, r_hostile
+    assert r_normal.score == 1.0 and r_normal.reason == "ok", (name, r_normal)
+    after = code_scorer.stats()
+    assert after["samples"] - before["samples"] == 2
+    # containment: host files intact, nothing left running, the scorer still scores
+    assert open(HOST_FILE).read() == "canary"
+    for p in ("/usr/bin/aha_pwned", "/etc/aha_pwned", "/aha_pwned"):
+        assert not os.path.exists(p)
+    assert os.path.exists("/usr/bin/python3")
+    assert not sandbox_leftovers(), name
+    assert code_scorer.score_batch([NORMAL])[0].score == 1.0
+
+
+def test_secret_environment_never_reaches_output(code_scorer):
+    prog = HOSTILE["read_parent_environ"]
+    r = code_scorer.score_batch([RewardInput(response=f"```python\n{prog}\n```", task="code",
+                                             tests=[{"stdin": "", "expected": SECRET}])])[0]
+    assert r.score == 0.0 and r.reason.startswith("wrong_answer")
+
+
+def test_stats_after_hostile_suite(code_scorer):
+    s = code_scorer.stats()
+    assert s["verifications"] > 0 and s["worker_starts"] >= 2
