@@ -1,0 +1,55 @@
+"""Config: built, overridden and validated before any actor starts; errors name the field."""
+import pytest
+import yaml
+
+from cluster.cli import DEMO_CONFIG, main
+from cluster.config import apply_override, load_config
+
+
+def test_demo_config_loads_and_resolves():
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.stages[0].type == "sft" and cfg.stages[1].type == "grpo"
+    assert cfg.stages[1].name == "1-grpo"
+    assert cfg.learner.loss.norm_len == cfg.rollout.max_tokens  # filled from the rollout budget
+
+
+def test_dotted_overrides_reach_nested_and_list_fields():
+    cfg = load_config(DEMO_CONFIG, ["learner.loss.kl_coef=0.5", "stages.1.steps=3", "rollout.stop=[x]"])
+    assert cfg.learner.loss.kl_coef == 0.5
+    assert cfg.stages[1].steps == 3
+    assert cfg.rollout.stop == ["x"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learner.lrr=1", "learner.lrr"),
+    ("rollout.group_size=1", "rollout.group_size must be >= 2"),
+    ("learner.loss.aggregation=mean", "learner.loss.aggregation must be one of"),
+    ("algo.max_staleness=-1", "algo.max_staleness"),
+    ("stages.0.type=ppo", "stages.0.type must be one of sft, grpo"),
+    ("rollout.template=chatml", "known: plain, qa, r1_zero"),
+    ("learner.backend=megatron", "gpus_per_actor >= 1"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("learner.lr=fast", "learner.lr must be float"),
+    ("model.path=/nonexistent", "model.path"),
+    ("data.train=/nope.jsonl", "data.train"),
+])
+def test_bad_config_fails_with_the_field_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(DEMO_CONFIG, [override])
+
+
+def test_unknown_section_lists_known_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"learnr": {"lr": 1}}))
+    with pytest.raises(ValueError, match="known keys: algo, data, eval, learner"):
+        load_config(str(p))
+
+
+def test_cli_reports_bad_config_without_starting_anything(capsys):
+    assert main(["train", DEMO_CONFIG, "rollout.group_size=1"]) == 2
+    assert "rollout.group_size" in capsys.readouterr().err
+
+
+def test_apply_override_rejects_missing_equals():
+    with pytest.raises(ValueError, match="key.path=value"):
+        apply_override({}, "learner.lr")
