@@ -172,6 +172,11 @@ def hf_logprobs(path, ids):
 
 # ------------------------------------------------------------------------------------------ check
 def cmd_check(a):
+    # Load TE (and its cuDNN) before torch touches cuDNN in the pretraining: the other order picks
+    # up the system libcudnn_cnn against torch's libcudnn_graph and fails to import.
+    import megatron.core  # noqa: F401
+    import transformer_engine.pytorch  # noqa: F401
+
     from learner.megatron.weight_stream import EngineReceiver, LocalEngine, WeightStreamSender
     root = a.workdir
     ck0, ck1, ck2 = (os.path.join(root, n) for n in ("pretrained_hf", "megatron_v0", "megatron_v3"))
@@ -252,7 +257,9 @@ def flops_per_token(cfg, seq) -> float:
 
 def cmd_step(a):
     path = os.path.join(a.workdir, "bench_moe")
-    cfg = write_config(path)
+    cfg = write_config(path, hidden_size=a.hidden, moe_intermediate_size=a.moe_ffn,
+                       num_experts=a.experts, num_experts_per_tok=a.topk, num_hidden_layers=a.layers,
+                       num_attention_heads=a.hidden // 128)
     fp8 = None if a.fp8 == "none" else "hybrid"
     be = make_backend(path, fp8=fp8, recipe=a.recipe, mbs=a.mbs, init_from_hf=False,
                       old_logprobs="rollout", max_seq_len=a.seq)
@@ -369,6 +376,11 @@ def main():
     ap.add_argument("--fp8", default="none", choices=["none", "hybrid"])
     ap.add_argument("--recipe", default="delayed", choices=["delayed", "current"])
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--moe-ffn", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)

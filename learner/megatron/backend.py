@@ -383,7 +383,7 @@ class MegatronBackend:
             self.version += 1
         stats = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                  "update_skipped": float(not ok), "time/learner_step_s": step_s}
-        stats.update(self._router_metrics())
+        stats.update(self._router_metrics(len(micro)))
         return res, stats
 
     def _weights(self, micro, batch_mask: torch.Tensor, aggregation: str) -> list[float]:
@@ -472,7 +472,7 @@ class MegatronBackend:
         stats["version"] = float(self.version)
         return stats
 
-    def _router_metrics(self) -> dict[str, float]:
+    def _router_metrics(self, num_micro: int) -> dict[str, float]:
         if not self._router_counts:
             return {}
         counts = torch.stack(self._router_counts)  # [layers, experts]
@@ -497,8 +497,8 @@ class MegatronBackend:
             out[f"moe/tokens_per_expert/{e}"] = c
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
         tracker = get_moe_metrics_tracker()
-        for name, entry in tracker.metrics.items():
-            out[f"moe/{name}"] = float(entry.values.sum()) / max(1, len(self._router_counts))
+        for name, entry in tracker.metrics.items():  # summed over micro-batches, per layer
+            out[f"moe/{name}"] = float(entry.values.sum()) / max(1, len(self._router_counts)) / num_micro
         tracker.clear()
         return out
 

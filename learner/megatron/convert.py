@@ -190,7 +190,8 @@ _SIMPLE_TOP = {
     "output_layer.weight": "lm_head.weight",
 }
 # Megatron-only state that has no Hugging Face counterpart.
-_SKIP_SUFFIXES = ("_extra_state", "mlp.router.expert_bias", "local_tokens_per_expert")
+_SKIP_SUFFIXES = ("_extra_state", "mlp.router.expert_bias", "local_tokens_per_expert",
+                  "global_tokens_per_expert", "ga_steps", "qb_beta", "qb_beta_accum", "qb_beta_count")
 
 
 def is_mcore_only(name: str) -> bool:
