@@ -21,8 +21,8 @@ def make_backend(model_path: str, cfg: LearnerConfig, temperature: float):
         from learner.torch_backend import TorchBackend
         return TorchBackend(model_path, cfg, temperature)
     if cfg.backend == "megatron":
-        from learner.megatron import MegatronBackend  # GPU only; see learner/megatron
-        return MegatronBackend(model_path, cfg, temperature)
+        from learner.megatron.backend import MegatronBackend  # GPU only; see learner/megatron
+        return MegatronBackend(model_path, cfg)  # temperature 1 only (checked in cluster.config)
     raise ValueError(f"unknown learner backend {cfg.backend!r}")
 
 

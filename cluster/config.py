@@ -132,6 +132,12 @@ class JobConfig:
             v = getattr(self.data, key)
             if v != "arithmetic" and not os.path.isfile(v):
                 raise ValueError(f"data.{key} {v!r}: no such file (or use 'arithmetic')")
+        if self.learner.backend == "megatron" and self.rollout.temperature != 1.0:
+            raise ValueError("learner.backend=megatron computes logprobs at temperature 1 (fused cross "
+                             "entropy); set rollout.temperature=1.0 or use learner.backend=torch")
+        if self.learner.backend == "megatron" and self.learner.mini_batches != 1:
+            raise ValueError("learner.backend=megatron takes one optimizer step per batch; "
+                             "set learner.mini_batches=1")
         if not self.learner.loss.norm_len:
             self.learner.loss.norm_len = self.rollout.max_tokens
 

