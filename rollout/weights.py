@@ -147,12 +147,16 @@ class WorkerExtension:
     # tuples as lists), so these methods take plain data and rebuild the types.
     def aha_init_weight_group(self, spec: dict, rank_offset: int) -> int:
         rank = rank_offset + getattr(self, "rank", 0)
-        self._aha_pg = make_group(GroupSpec(**spec), rank)
+        spec = GroupSpec(**spec)
+        self._aha_pg = make_group(spec, rank)
+        # gloo moves host memory (a GPU engine stages through it); NCCL receives on the device
+        self._aha_device = (getattr(self, "device", torch.device("cpu")) if spec.backend == "nccl"
+                            else torch.device("cpu"))
         return rank
 
     def aha_receive_weights(self, metas: list, bucket_bytes: int) -> int:
         metas = [TensorMeta(m[0], m[1], tuple(m[2])) for m in metas]
-        device = getattr(self, "device", torch.device("cpu"))
+        device = self._aha_device
         # reload_weights restores each layer's checkpoint format before loading and re-applies the
         # kernel-specific processing afterwards (the CPU backend repacks linear weights), so
         # weights stream bucket by bucket straight from the process group into the model.
