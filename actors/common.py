@@ -64,3 +64,8 @@ def free_port() -> tuple[str, int]:
     port = s.getsockname()[1]
     s.close()
     return ip, port
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs Ray assigned to the calling actor (empty on CPU)."""
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]

@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from actors.common import free_port, get_all
+from actors.common import free_port, get_all, gpu_ids
 from learner.batch import collate
 from learner.config import LearnerConfig
 from rollout.types import from_arrow
@@ -94,6 +94,9 @@ class LearnerActor:
 
     def free_port(self) -> tuple[str, int]:
         return free_port()
+
+    def gpu_ids(self) -> list[str]:
+        return gpu_ids()
 
 
 class LearnerGroup:

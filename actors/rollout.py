@@ -5,7 +5,7 @@ import logging
 
 import ray
 
-from actors.common import get_all
+from actors.common import get_all, gpu_ids
 from rollout.datasets import PromptRecord
 from rollout.engine import RolloutConfig, VllmEngine
 from rollout.types import to_arrow
@@ -45,6 +45,9 @@ class RolloutActor:
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def gpu_ids(self) -> list[str]:
+        return gpu_ids()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -34,9 +34,13 @@ class WeightSync:
 
     def _init_group(self) -> None:
         rc = self.rollouts.cfg
-        gpu = rc.gpus_per_actor > 0 and self.learners.cfg.gpus_per_actor > 0
-        host, port = ray.get(self.learners.rank0.free_port.remote(), timeout=60)
         live = self.rollouts.live()
+        host, port = ray.get(self.learners.rank0.free_port.remote(), timeout=60)
+        # NCCL when learner and engines hold GPUs and none is shared (NCCL cannot put two ranks on
+        # one GPU); otherwise gloo through host memory.
+        mine = set(ray.get(self.learners.rank0.gpu_ids.remote(), timeout=60))
+        theirs = [set(g) for g in get_all([a.gpu_ids.remote() for _, a in live], "gpu ids", 60)]
+        gpu = bool(mine) and all(theirs) and not any(mine & t for t in theirs)
         tp = self.rollouts.workers_per_engine()
         spec = GroupSpec(host, port, 1 + len(live) * tp, "nccl" if gpu else "gloo",
                          timeout_s=self.timeout_s)
