@@ -38,8 +38,10 @@ class DataConfig:
     """Held-out prompts for evaluation: 'arithmetic' or a file."""
     sft: str = "arithmetic"
     """Gold completions for SFT stages: 'arithmetic' or a file with a 'solution' column."""
-    max_operand: int = 50
+    max_operand: int = 10
     """Built-in arithmetic: operands are drawn from [0, max_operand)."""
+    heldout_fraction: float = 0.2
+    """Built-in arithmetic: share of problems held out for evaluation (disjoint from training)."""
     seed: int = 0
 
 

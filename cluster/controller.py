@@ -100,7 +100,8 @@ class Controller:
     def data(self, key: str, split: str) -> list[PromptRecord]:
         src = getattr(self.cfg.data, key)
         if src == "arithmetic":
-            return arithmetic(split, seed=self.cfg.data.seed, max_operand=self.cfg.data.max_operand)
+            return arithmetic(split, seed=self.cfg.data.seed, max_operand=self.cfg.data.max_operand,
+                              heldout_fraction=self.cfg.data.heldout_fraction)
         records, skipped = load_prompts(src)
         if skipped:
             log.warning("data.%s: %s", key, skipped)

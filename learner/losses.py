@@ -17,6 +17,7 @@ Where this departs from the paper, and why:
    truncated importance weight ``min(exp(old - rollout), tis_cap)`` (Yao et al. 2025, "truncated
    importance sampling"), which corrects both the engine/learner numerical mismatch and staleness.
 5. The KL term is added to the loss (as in the paper), not folded into the reward.
+6. The per-token k3 value is capped at ``KL_CLAMP`` = 10 (as verl does).
 
 Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1.0 on real response
 tokens and 0.0 on padding. All functions are differentiable where it makes sense and never modify
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+KL_CLAMP = 10.0
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
@@ -74,10 +76,12 @@ def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: i
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020): ``exp(r) - r - 1``, ``r = ref - logp``.
 
-    Non-negative, unbiased, and exactly 0 where the logprobs are equal.
+    Non-negative, unbiased, and exactly 0 where the logprobs are equal. Each token's value is capped
+    at ``KL_CLAMP`` (module docstring, item 6): ``exp(r)`` explodes on a token the reference deems
+    near-impossible, and one such token would otherwise dominate the batch.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=KL_CLAMP)
 
 
 def truncated_is_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float
