@@ -56,14 +56,10 @@ def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -
 
 def free_port() -> tuple[str, int]:
     """An address of this node and a free TCP port on it (for a rendezvous store)."""
-    import socket
+    from rollout.weights import free_tcp_port
 
     ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-    s = socket.socket()
-    s.bind(("", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return ip, port
+    return ip, free_tcp_port()
 
 
 def gpu_ids() -> list[str]:

@@ -87,6 +87,8 @@ class RunConfig:
     """Save a Hugging Face checkpoint every N steps (0: end of each stage only)."""
     tensorboard: bool = True
     seed: int = 0
+    """Master seed: added to data.seed, rollout.seed and learner.seed, and seeds the tiny model
+    (so ``run.seed=N`` alone gives an independent repetition)."""
     rollout_cpus: float = 1.0
     reward_cpus: float = 0.5
     learner_cpus: float = 1.0
@@ -188,6 +190,11 @@ def _coerce(tp, value, path):
         return _coerce(inner[0], value, path) if len(inner) == 1 else value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, str, bool, float):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ValueError(f"{path} must be {tp.__name__}, got {value!r}")

@@ -100,7 +100,7 @@ class Controller:
     def data(self, key: str, split: str) -> list[PromptRecord]:
         src = getattr(self.cfg.data, key)
         if src == "arithmetic":
-            return arithmetic(split, seed=self.cfg.data.seed, max_operand=self.cfg.data.max_operand,
+            return arithmetic(split, seed=self.cfg.data.seed + self.cfg.run.seed, max_operand=self.cfg.data.max_operand,
                               heldout_fraction=self.cfg.data.heldout_fraction)
         records, skipped = load_prompts(src)
         if skipped:
@@ -122,7 +122,8 @@ class Controller:
         return self.results
 
     def _learner_cfg(self, st: StageConfig):
-        return replace(self.cfg.learner, lr=st.lr or self.cfg.learner.lr)
+        return replace(self.cfg.learner, lr=st.lr or self.cfg.learner.lr,
+                       seed=self.cfg.learner.seed + self.cfg.run.seed)
 
     def _save(self, learners: LearnerGroup, tag: str) -> str:
         path = os.path.abspath(os.path.join(self.run_dir, "checkpoints", tag))
@@ -168,7 +169,7 @@ class Controller:
         cfg, rc = self.cfg, self.cfg.rollout
         learners = LearnerGroup(model_path, self._learner_cfg(st), rc.temperature,
                                 cfg.run.learner_cpus, cfg.run.timeout_s)
-        rollouts = RolloutPool(model_path, rc, cfg.run.rollout_cpus)
+        rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + cfg.run.seed), cfg.run.rollout_cpus)
         sync = WeightSync(learners, rollouts, cfg.run.timeout_s)
         stream = RolloutStream(rollouts, self.rewards, cycle(self.data("train", "train"), cfg.run.seed),
                                cfg.algo.prompts_per_step, cfg.algo.max_staleness, cfg.run.timeout_s)
@@ -224,6 +225,10 @@ class Controller:
                "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
                "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
                "sync_bytes": sync_stats.get("sync_bytes", 0.0)}
+        for stats in self.rewards.stats():  # cumulative counters of the reward pool, summed over actors
+            for k, v in stats.items():
+                if isinstance(v, (int, float)):
+                    row[f"reward_pool/{k}"] = row.get(f"reward_pool/{k}", 0.0) + v
         row["time_sync_s"] = row.pop("time_sync_s", 0.0)
         row["time_train_s"] = row.pop("time_train_s", 0.0)
         return row

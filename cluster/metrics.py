@@ -8,9 +8,10 @@ import os
 import time
 from contextlib import contextmanager
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rollout.types import ARROW_SCHEMA, Sample, to_arrow
+from rollout.types import Sample, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class RunLogger:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._eval = open(os.path.join(run_dir, "eval.jsonl"), "a")
-        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._parts: dict[str, int] = {}
         self.tb = None
         if tensorboard:
             try:
@@ -69,19 +70,19 @@ class RunLogger:
         self._tb("eval", row, global_step)
 
     def trajectories(self, name: str, samples: list[Sample]) -> None:
-        """Append samples to ``trajectories/<name>.parquet`` (one row group per call)."""
+        """Append samples to the dataset ``trajectories/<name>/`` as one Parquet part file per call,
+        so it is readable while the job runs: ``pyarrow.parquet.read_table(<that folder>)``."""
         if not samples:
             return
-        w = self._writers.get(name)
-        if w is None:
-            w = pq.ParquetWriter(os.path.join(self.dir, "trajectories", f"{name}.parquet"), ARROW_SCHEMA)
-            self._writers[name] = w
-        w.write_batch(to_arrow(samples))
+        folder = os.path.join(self.dir, "trajectories", name)
+        os.makedirs(folder, exist_ok=True)
+        n = self._parts.get(name, len(os.listdir(folder)))
+        self._parts[name] = n + 1
+        tmp = os.path.join(folder, f".part-{n:06d}.parquet.tmp")
+        pq.write_table(pa.Table.from_batches([to_arrow(samples)]), tmp)
+        os.replace(tmp, os.path.join(folder, f"part-{n:06d}.parquet"))  # readers never see half a file
 
     def close(self) -> None:
-        for w in self._writers.values():
-            w.close()
-        self._writers.clear()
         self._metrics.close()
         self._eval.close()
         if self.tb is not None:

@@ -48,6 +48,15 @@ class GroupSpec:
     timeout_s: float = 300.0
 
 
+def free_tcp_port() -> int:
+    """A TCP port that is free on this host right now (for a rendezvous store)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
     """Group tensor indices into buckets of one dtype and at most ``bucket_bytes`` (a bigger tensor
     gets a bucket of its own). Deterministic, so sender and receivers plan the same buckets."""

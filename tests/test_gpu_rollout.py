@@ -6,7 +6,6 @@ the pre-sync difference to be at least 10x that.
 """
 import json
 import os
-import socket
 import threading
 
 import pytest
@@ -14,13 +13,6 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def test_gpu_engine_matches_learner_after_sync(tiny):
     from learner.torch_backend import TorchBackend
     from learner.weight_sync import TorchDistSender
     from rollout.engine import RolloutConfig, VllmEngine
-    from rollout.weights import GroupSpec
+    from rollout.weights import GroupSpec, free_tcp_port
 
     engine = VllmEngine(tiny, RolloutConfig(dtype="bfloat16", gpus_per_actor=1, max_model_len=256,
                                             gpu_memory_utilization=0.3, template="r1_zero_compact"))
@@ -50,7 +42,7 @@ def test_gpu_engine_matches_learner_after_sync(tiny):
     want = learner.logprobs(batch)[0][batch.response_mask[0] > 0]
     before = torch.tensor(engine.logprobs_of(p, r))
     # gloo: the learner and the engine share this one GPU (NCCL cannot put two ranks on one GPU)
-    spec = GroupSpec("127.0.0.1", _port(), 2, "gloo", timeout_s=120)
+    spec = GroupSpec("127.0.0.1", free_tcp_port(), 2, "gloo", timeout_s=120)
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("s", TorchDistSender(spec, 1 << 20, "bfloat16")))
     t.start()

@@ -7,7 +7,6 @@ Tolerance: both sides run float32 on CPU; the largest per-token difference we ac
 (measured: ~1e-5; the bound leaves room for other CPUs' kernels). Before the sync the same check
 must fail by a wide margin, so the test cannot pass by accident.
 """
-import socket
 import threading
 
 import pytest
@@ -19,17 +18,10 @@ from learner.torch_backend import TorchBackend
 from learner.weight_sync import TorchDistSender
 from rollout.engine import RolloutConfig, VllmEngine
 from rollout.tiny import create_tiny_model
-from rollout.weights import GroupSpec
+from rollout.weights import GroupSpec, free_tcp_port
 
 TOL = 2e-3
 
-
-def _port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def _in_thread(fn):
@@ -71,7 +63,7 @@ def test_logprobs_match_after_gloo_sync(setup):
     before = torch.tensor(engine.logprobs_of(prompt, response))
     assert (before - want).abs().max().item() > 50 * TOL  # out of sync before
 
-    spec = GroupSpec("127.0.0.1", _port(), 2, "gloo", timeout_s=120)
+    spec = GroupSpec("127.0.0.1", free_tcp_port(), 2, "gloo", timeout_s=120)
     t, box = _in_thread(lambda: TorchDistSender(spec, bucket_bytes=1 << 18))
     engine.init_weight_group(spec, rank_offset=1)
     t.join(60)

@@ -50,6 +50,10 @@ def test_cli_reports_bad_config_without_starting_anything(capsys):
     assert "rollout.group_size" in capsys.readouterr().err
 
 
+def test_float_fields_accept_yaml_exponent_strings():
+    assert load_config(DEMO_CONFIG, ["learner.lr=5e-5"]).learner.lr == 5e-5
+
+
 def test_apply_override_rejects_missing_equals():
     with pytest.raises(ValueError, match="key.path=value"):
         apply_override({}, "learner.lr")
