@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
@@ -61,7 +62,10 @@ class RolloutPool:
         opts = {"num_cpus": num_cpus, "num_gpus": cfg.gpus_per_actor,
                 "runtime_env": {"env_vars": {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                                              "VLLM_USE_FLASHINFER_SAMPLER": "0",
-                                             "HF_HUB_OFFLINE": "1"}}}
+                                             "HF_HUB_OFFLINE": "1",
+                                             # keep the terminal to progress + one line per step
+                                             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL",
+                                                                                  "WARNING")}}}
         self.actors = [RolloutActor.options(name=None, **opts).remote(model_path, cfg, i)
                        for i in range(cfg.num_actors)]
         info = get_all([a.ready.remote() for a in self.actors], "rollout engine start",

@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 
-PHASES = ["wait_rollout", "advantage", "train", "sync", "log"]
+PHASES = ["wait_rollout", "advantage", "train", "sync", "log", "eval", "checkpoint"]
 
 
 def run_job(root: str, name: str, overrides: list[str]) -> list[dict]:

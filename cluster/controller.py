@@ -199,9 +199,11 @@ class Controller:
                 self.logger.trajectories(st.name, samples)
                 bar.write(summary_line(row))
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < st.steps:
-                self.evaluate(rollouts, test, st.name, step + 1)
+                with self.timer("eval"):
+                    self.evaluate(rollouts, test, st.name, step + 1)
             if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-                self._save(learners, f"{st.name}-step{step + 1}")
+                with self.timer("checkpoint"):
+                    self._save(learners, f"{st.name}-step{step + 1}")
         stream.drain()
         self.evaluate(rollouts, test, st.name, st.steps)
         out = self._save(learners, st.name)
