@@ -41,7 +41,11 @@ class LearnerActor:
             dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
                                     rank=rank, world_size=world)
         self.backend = make_backend(model_path, cfg, temperature)
-        self.pad_id = self.backend.tokenizer.pad_token_id
+        tok = getattr(self.backend, "tokenizer", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sender = None
 
     def ready(self) -> int:

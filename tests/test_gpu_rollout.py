@@ -87,3 +87,33 @@ def test_gpu_grpo_job_on_one_shared_gpu(tiny, tmp_path):
                               if k in ("step", "time_step_s", "time_train_s", "time_sync_s",
                                        "gen_tokens_per_s", "logprob_mismatch")} for x in grpo])
     assert [x["weight_version"] for x in grpo] == [1, 2, 3]
+
+
+def test_gpu_megatron_backend_in_the_grpo_job(tiny, tmp_path):
+    """The same `aha train` job with learner.backend=megatron (Megatron-core + TE layer spec) on a
+    shared GPU; weights reach the vLLM engine through the torch_dist (gloo) transport."""
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("transformer_engine")
+    import ray
+
+    from cluster.cli import DEMO_CONFIG
+    from cluster.config import load_config
+    from cluster.controller import Controller, start_ray
+
+    cfg = load_config(DEMO_CONFIG, [
+        f"run.root={tmp_path}", "run.name=mcore", f"model.path={tiny}", "stages.0.steps=20",
+        "stages.1.steps=3", "rollout.gpus_per_actor=0.4", "rollout.gpu_memory_utilization=0.3",
+        "rollout.dtype=bfloat16", "learner.backend=megatron", "learner.gpus_per_actor=0.5",
+        "learner.mini_batches=1", "learner.dtype=bfloat16", "learner.micro_batch_size=64",
+        "eval.num_prompts=16"])
+    start_ray(cfg)
+    try:
+        Controller(cfg).run()
+    finally:
+        ray.shutdown()
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "mcore", "metrics.jsonl"))]
+    grpo = [x for x in rows if x["stage"] == "1-grpo"]
+    print("Megatron job steps:", [{k: round(v, 4) if isinstance(v, float) else v for k, v in x.items()
+                                   if k in ("step", "time_train_s", "time_sync_s", "mismatch_abs",
+                                            "kl", "accuracy_mean")} for x in grpo])
+    assert [x["weight_version"] for x in grpo] == [1, 2, 3]
