@@ -98,7 +98,7 @@ class LearnerConfig:
             raise ValueError(f"{where}.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"{where}.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.backend == "megatron" and self.gpus_per_actor < 1:
-            raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor >= 1 "
+        if self.backend == "megatron" and self.gpus_per_actor <= 0:
+            raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor > 0 "
                              "(Megatron-core's forward pass needs CUDA); use backend=torch on CPU")
         self.loss.validate(f"{where}.loss")
