@@ -158,7 +158,8 @@ class Controller:
             self.global_step += 1
             row = {"stage": st.name, "step": step + 1, **stats, **self.timer.pop()}
             self.logger.metrics(row, self.global_step)
-            bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
+            if "sft_loss" in stats:  # absent on pipeline stages that hold no output layer
+                bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
         out = self._save(learners, st.name)
         learners.shutdown()
         return out

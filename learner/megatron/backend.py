@@ -455,7 +455,7 @@ class MegatronBackend:
             n = mb["n"]
             lp = -out.float()[:n, :-1]
             loss = losses.sft_loss(lp, mb["mask"][:n])
-            return loss * (mb["w"] * nmb), {"loss": float(loss.detach()),
+            return loss * (mb["w"] * nmb), {"sft_loss": float(loss.detach()),
                                              "tokens": float(mb["mask"][:n].sum())}
 
         res, stats = self._step(micro, loss_fn)

@@ -106,7 +106,7 @@ def test_grpo_and_sft_steps(stack, tmp_path, fp8):
     moved = sum(not torch.equal(before[k], after[k]) for k in before)
     assert moved > len(before) // 2
     st = be.train_sft(batch)
-    assert be.version == 2 and torch.isfinite(torch.tensor(st["loss"]))
+    assert be.version == 2 and torch.isfinite(torch.tensor(st["sft_loss"]))
     _free(be)
 
 
