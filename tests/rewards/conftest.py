@@ -43,8 +43,10 @@ SECRET = "AHA_TEST_SECRET_7f3c91"
 def code_scorer(needs_sandbox):
     """accuracy on code tasks, 2 workers; the parent environment holds a secret the sandbox must not see."""
     os.environ["AHA_HOSTILE_SECRET"] = SECRET
-    s = build_scorer(RewardConfig(weights={"accuracy": 1.0}, workers_per_actor=2, timeout_s=1.0,
-                                  options={"code": {"test_timeout_s": 1.0, "memory_mb": 256}}))
+    # 3 s per program: a hostile one is killed by then, and the normal job that must pass right
+    # after gets room on a loaded 2-core machine (1 s made it time out there).
+    s = build_scorer(RewardConfig(weights={"accuracy": 1.0}, workers_per_actor=2, timeout_s=3.0,
+                                  options={"code": {"test_timeout_s": 3.0, "memory_mb": 256}}))
     s.warm_up()
     yield s
     s.close()

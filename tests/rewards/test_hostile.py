@@ -1,7 +1,7 @@
 """Hostile programs: each tries one escape or denial of service through the full scorer.
 
 Each must score 0, leave no process behind, keep the scorer up, and a normal job submitted in the
-same batch must still pass. Run with 1 s timeouts so the suite stays short.
+same batch must still pass. Run with 3 s timeouts so the suite stays short.
 """
 import os
 
