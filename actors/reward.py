@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class RewardActor:
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, index: int = 0):
         from rewards import build_scorer
 
         logging.basicConfig(level=logging.INFO)
         self.scorer = build_scorer(cfg)
+        self.index = index
 
     def ready(self) -> bool:
         return True
@@ -38,7 +39,9 @@ class RewardActor:
             s.reward, s.reward_components, s.reward_reason = r.score, dict(r.components), r.reason
             if r.metrics:
                 s.meta["reward_metrics"] = dict(r.metrics)
-        stats = dict(rollout["stats"], time_reward_s=time.time() - t0)
+        # the pool's cumulative counters ride along, so the controller never blocks asking for them
+        stats = dict(rollout["stats"], time_reward_s=time.time() - t0,
+                     reward_actor=self.index, reward_pool=self.scorer.stats())
         return {"batch": to_arrow(samples), "stats": stats}
 
     def scorer_stats(self) -> dict:
@@ -50,7 +53,7 @@ class RewardActor:
 
 class RewardPool:
     def __init__(self, cfg: RewardConfig, num_cpus: float = 1.0, start_timeout_s: float = 300.0):
-        self.actors = [RewardActor.options(num_cpus=num_cpus).remote(cfg) for _ in range(cfg.num_actors)]
+        self.actors = [RewardActor.options(num_cpus=num_cpus).remote(cfg, i) for i in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "reward actor start", start_timeout_s)
         self._rr = itertools.cycle(range(len(self.actors)))
 

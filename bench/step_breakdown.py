@@ -2,7 +2,7 @@
 
 Runs the demo job twice in one process (same machine state, side by side): ``max_staleness=0``
 (generate, then train) and ``max_staleness=1`` (generate the next batch while training). For each
-it reports, per GRPO step, the controller's phase timers (wait_rollout, advantage, train, sync, log),
+it reports, per GRPO step, the controller's phase timers (wait_rollout, advantage, train, sync),
 the time the actors spent generating and scoring, and ``other``: step wall time outside every
 controller phase, i.e. the controller's own overhead, as a share of wall time.
 
@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 
-PHASES = ["wait_rollout", "advantage", "train", "sync", "log", "eval", "checkpoint"]
+PHASES = ["wait_rollout", "advantage", "train", "sync", "eval", "checkpoint"]
 
 
 def run_job(root: str, name: str, overrides: list[str]) -> list[dict]:

@@ -6,7 +6,7 @@ A GRPO step, in the algorithm's order, one timer per phase:
     advantage:    group-relative advantages (learner.losses.group_advantages)
     train:        one clipped policy-gradient update on every data-parallel learner
     sync:         stream the new weights to every rollout engine
-    log:          metrics.jsonl / TensorBoard / Parquet trajectories / terminal
+then metrics.jsonl / TensorBoard / Parquet trajectories / terminal (untimed: controller overhead).
 Each stage reads a checkpoint and writes one: SFT's output is GRPO's input (and its KL reference).
 """
 from __future__ import annotations
@@ -88,6 +88,7 @@ class Controller:
         self.global_step = 0
         self.dropped_total = 0
         self.results: dict[str, dict] = {}
+        self.reward_counters: dict[int, dict] = {}
 
     # ---- setup ------------------------------------------------------------------------------
     def model_path(self) -> str:
@@ -191,14 +192,15 @@ class Controller:
                 version = train["weight_version"]
                 sync_stats = sync.push(version)
                 stream.on_weights_updated(version)
-            with self.timer("log"):
-                self.global_step += 1
-                row = self.step_row(st, step + 1, version, samples, train, info, stream, sync_stats)
-                row["time_step_s"] = time.time() - t_step
-                t_step = time.time()
-                self.logger.metrics(row, self.global_step)
-                self.logger.trajectories(st.name, samples)
-                bar.write(summary_line(row))
+            # logging is the controller's own overhead: untimed, it shows in the next step as
+            # time_step_s minus the phases above
+            self.global_step += 1
+            row = self.step_row(st, step + 1, version, samples, train, info, stream, sync_stats)
+            row["time_step_s"] = time.time() - t_step
+            t_step = time.time()
+            self.logger.metrics(row, self.global_step)
+            self.logger.trajectories(st.name, samples)
+            bar.write(summary_line(row))
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < st.steps:
                 with self.timer("eval"):
                     self.evaluate(rollouts, test, st.name, step + 1)
@@ -228,7 +230,10 @@ class Controller:
                "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
                "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
                "sync_bytes": sync_stats.get("sync_bytes", 0.0)}
-        for stats in self.rewards.stats():  # cumulative counters of the reward pool, summed over actors
+        for r in reqs:  # latest cumulative counters of each reward actor, summed below
+            if "reward_pool" in r:
+                self.reward_counters[r["reward_actor"]] = r["reward_pool"]
+        for stats in self.reward_counters.values():
             for k, v in stats.items():
                 if isinstance(v, (int, float)):
                     row[f"reward_pool/{k}"] = row.get(f"reward_pool/{k}", 0.0) + v
