@@ -68,11 +68,6 @@ class LearnerActor:
         out["weight_version"] = self.backend.version
         return out
 
-    def logprobs(self, arrow) -> list[list[float]]:
-        b = self._batch(arrow, with_advantages=False)
-        lp = self.backend.logprobs(b)
-        return [lp[i][b.response_mask[i] > 0].tolist() for i in range(len(b))]
-
     # ---- weight export (rank 0) ----
     def init_sender(self, spec: GroupSpec, bucket_bytes: int, wire_dtype: str | None):
         from learner.weight_sync import TorchDistSender

@@ -44,9 +44,6 @@ class RewardActor:
                      reward_actor=self.index, reward_pool=self.scorer.stats())
         return {"batch": to_arrow(samples), "stats": stats}
 
-    def scorer_stats(self) -> dict:
-        return self.scorer.stats()
-
     def shutdown(self) -> None:
         self.scorer.close()
 
@@ -60,9 +57,6 @@ class RewardPool:
     def async_score(self, rollout_ref) -> "ray.ObjectRef":
         """Chain scoring onto a pending rollout result; returns the scored result's ref at once."""
         return self.actors[next(self._rr)].score_rollout.remote(rollout_ref)
-
-    def stats(self, timeout_s: float = 30.0) -> list[dict]:
-        return get_all([a.scorer_stats.remote() for a in self.actors], "reward stats", timeout_s)
 
     def shutdown(self) -> None:
         for a in self.actors:

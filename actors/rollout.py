@@ -32,9 +32,6 @@ class RolloutActor:
         samples, stats = self.engine.generate(records, n, temperature)
         return {"batch": to_arrow(samples), "stats": stats}
 
-    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        return self.engine.logprobs_of(prompt_ids, response_ids)
-
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
         return self.engine.init_weight_group(spec, rank_offset)
 
@@ -43,9 +40,6 @@ class RolloutActor:
 
     def load_weights(self, named: list, version: int) -> int:
         return self.engine.load_weights(named, version)
-
-    def weight_version(self) -> int:
-        return self.engine.weight_version
 
     def gpu_ids(self) -> list[str]:
         return gpu_ids()

@@ -32,12 +32,13 @@ from cluster.config import JobConfig, StageConfig
 from cluster.metrics import PhaseTimer, RunLogger, summary_line
 from learner.losses import group_advantages
 from rollout.datasets import PromptRecord, arithmetic, load_prompts
+from rollout.templates import render
 from rollout.types import Sample, from_arrow, to_arrow
 
 log = logging.getLogger(__name__)
 
 
-def cycle(records: list[PromptRecord], seed: int) -> Iterator[PromptRecord]:
+def cycle(records: list, seed: int) -> Iterator:
     rng, order = random.Random(seed), list(records)
     while True:
         rng.shuffle(order)
@@ -137,23 +138,22 @@ class Controller:
         learners = LearnerGroup(model_path, self._learner_cfg(st), 1.0, self.cfg.run.learner_cpus,
                                 self.cfg.run.timeout_s)
         tok = _tokenizer(model_path)
-        records = [r for r in self.data("sft", "train") if r.solution]
-        if not records:
+        samples = []  # rendered and tokenized once; steps draw from them
+        for r in self.data("sft", "train"):
+            if r.solution:
+                p = render(self.cfg.rollout.template, r.question)
+                resp = tok(r.solution, add_special_tokens=False)["input_ids"]
+                samples.append(Sample(prompt_id=r.id, group_index=0, prompt=p, response=r.solution,
+                                      prompt_ids=tok(p, add_special_tokens=False)["input_ids"],
+                                      response_ids=resp, response_logprobs=[0.0] * len(resp),
+                                      weight_version=-1, answer=r.answer))
+        if not samples:
             raise ValueError("SFT stage: the sft data has no 'solution' column to train on")
-        from rollout.templates import render
-        prompts = cycle(records, self.cfg.run.seed)
+        pool = cycle(samples, self.cfg.run.seed)
         bar = tqdm(range(st.steps), desc=f"{st.name}", dynamic_ncols=True)
         for step in bar:
             with self.timer("data"):
-                batch = []
-                for r in (next(prompts) for _ in range(st.batch_size)):
-                    p = render(self.cfg.rollout.template, r.question)
-                    batch.append(Sample(prompt_id=r.id, group_index=0, prompt=p, response=r.solution,
-                                        prompt_ids=tok(p, add_special_tokens=False)["input_ids"],
-                                        response_ids=tok(r.solution, add_special_tokens=False)["input_ids"],
-                                        response_logprobs=[], weight_version=-1, answer=r.answer))
-                for s in batch:
-                    s.response_logprobs = [0.0] * len(s.response_ids)
+                batch = [next(pool) for _ in range(st.batch_size)]
             with self.timer("train"):
                 stats = learners.train_sft(to_arrow(batch))
             self.global_step += 1

@@ -65,27 +65,36 @@ def test_gpu_engine_matches_learner_after_sync(tiny):
     torch.cuda.empty_cache()
 
 
-def test_gpu_grpo_job_on_one_shared_gpu(tiny, tmp_path):
+def _run_job(tmp_path, name, overrides):
+    """The demo job with ``overrides`` on a local Ray; returns its GRPO rows of metrics.jsonl."""
     import ray
 
     from cluster.cli import DEMO_CONFIG
     from cluster.config import load_config
     from cluster.controller import Controller, start_ray
 
-    cfg = load_config(DEMO_CONFIG, [
-        f"run.root={tmp_path}", "run.name=gpu", f"model.path={tiny}", "stages.0.steps=30",
-        "stages.1.steps=3", "rollout.gpus_per_actor=0.5", "rollout.gpu_memory_utilization=0.3",
-        "rollout.dtype=bfloat16", "learner.gpus_per_actor=0.5", "eval.num_prompts=16"])
+    cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", f"run.name={name}", *overrides])
     start_ray(cfg)
     try:
         Controller(cfg).run()
     finally:
         ray.shutdown()
-    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "gpu", "metrics.jsonl"))]
-    grpo = [x for x in rows if x["stage"] == "1-grpo"]
-    print("GPU job steps:", [{k: round(v, 3) if isinstance(v, float) else v for k, v in x.items()
-                              if k in ("step", "time_step_s", "time_train_s", "time_sync_s",
-                                       "gen_tokens_per_s", "logprob_mismatch")} for x in grpo])
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
+    return [x for x in rows if x["stage"] == "1-grpo"]
+
+
+def _show(rows, keys):
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in x.items() if k in keys}
+            for x in rows]
+
+
+def test_gpu_grpo_job_on_one_shared_gpu(tiny, tmp_path):
+    grpo = _run_job(tmp_path, "gpu", [
+        f"model.path={tiny}", "stages.0.steps=30", "stages.1.steps=3", "rollout.gpus_per_actor=0.5",
+        "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16",
+        "learner.gpus_per_actor=0.5", "eval.num_prompts=16"])
+    print("GPU job steps:", _show(grpo, ("step", "time_step_s", "time_train_s", "time_sync_s",
+                                         "gen_tokens_per_s", "logprob_mismatch")))
     assert [x["weight_version"] for x in grpo] == [1, 2, 3]
 
 
@@ -94,26 +103,11 @@ def test_gpu_megatron_backend_in_the_grpo_job(tiny, tmp_path):
     shared GPU; weights reach the vLLM engine through the torch_dist (gloo) transport."""
     pytest.importorskip("megatron.core")
     pytest.importorskip("transformer_engine")
-    import ray
-
-    from cluster.cli import DEMO_CONFIG
-    from cluster.config import load_config
-    from cluster.controller import Controller, start_ray
-
-    cfg = load_config(DEMO_CONFIG, [
-        f"run.root={tmp_path}", "run.name=mcore", f"model.path={tiny}", "stages.0.steps=20",
-        "stages.1.steps=3", "rollout.gpus_per_actor=0.4", "rollout.gpu_memory_utilization=0.3",
-        "rollout.dtype=bfloat16", "learner.backend=megatron", "learner.gpus_per_actor=0.5",
-        "learner.mini_batches=1", "learner.dtype=bfloat16", "learner.micro_batch_size=64",
-        "eval.num_prompts=16"])
-    start_ray(cfg)
-    try:
-        Controller(cfg).run()
-    finally:
-        ray.shutdown()
-    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "mcore", "metrics.jsonl"))]
-    grpo = [x for x in rows if x["stage"] == "1-grpo"]
-    print("Megatron job steps:", [{k: round(v, 4) if isinstance(v, float) else v for k, v in x.items()
-                                   if k in ("step", "time_train_s", "time_sync_s", "mismatch_abs",
-                                            "kl", "accuracy_mean")} for x in grpo])
+    grpo = _run_job(tmp_path, "mcore", [
+        f"model.path={tiny}", "stages.0.steps=20", "stages.1.steps=3", "rollout.gpus_per_actor=0.4",
+        "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16", "learner.backend=megatron",
+        "learner.gpus_per_actor=0.5", "learner.mini_batches=1", "learner.dtype=bfloat16",
+        "learner.micro_batch_size=64", "eval.num_prompts=16"])
+    print("Megatron job steps:", _show(grpo, ("step", "time_train_s", "time_sync_s", "mismatch_abs",
+                                              "kl", "accuracy_mean")))
     assert [x["weight_version"] for x in grpo] == [1, 2, 3]
