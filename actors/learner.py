@@ -1,5 +1,6 @@
-"""Learner actors: one backend per process, data parallel over the default torch.distributed group,
-and rank 0 exporting weights to the rollout engines."""
+"""Learner actors: one backend per process over the default torch.distributed group (data parallel
+for the torch backend; tensor / pipeline / expert / data parallel for Megatron), and rank 0
+exporting the weights to the rollout engines while the other ranks take part in the gathers."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,7 @@ def make_backend(model_path: str, cfg: LearnerConfig, temperature: float):
         return TorchBackend(model_path, cfg, temperature)
     if cfg.backend == "megatron":
         from learner.megatron.backend import MegatronBackend  # GPU only; see learner/megatron
-        return MegatronBackend(model_path, cfg)  # temperature 1 only (checked in cluster.config)
+        return MegatronBackend(model_path, cfg, temperature=temperature)
     raise ValueError(f"unknown learner backend {cfg.backend!r}")
 
 
@@ -56,7 +57,9 @@ class LearnerActor:
         batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                         [s.response_logprobs for s in samples],
                         [s.advantage for s in samples] if with_advantages else None, self.pad_id)
-        return batch.shard(self.rank, self.world)
+        # data-parallel replicas split the batch; tensor/pipeline-parallel ranks of one replica
+        # all see that replica's rows
+        return batch.shard(self.backend.dp_rank, self.backend.dp_size)
 
     def train_grpo(self, arrow) -> dict:
         out = self.backend.train_grpo(self._batch(arrow))
@@ -68,24 +71,60 @@ class LearnerActor:
         out["weight_version"] = self.backend.version
         return out
 
-    # ---- weight export (rank 0) ----
+    # ---- weight export. Every rank calls these (a model-parallel backend gathers its weights with
+    # collectives); rank 0 alone holds a sender and talks to the engines. ----
+    def _drain(self, named) -> None:
+        for _ in named:
+            pass
+
     def init_sender(self, spec: GroupSpec, bucket_bytes: int, wire_dtype: str | None):
+        """``torch_dist``: rank 0 joins the weight-sync group; returns the wire layout (rank 0)."""
+        named = self.backend.export_hf_weights()
+        if self.rank != 0:
+            return self._drain(named)
         from learner.weight_sync import TorchDistSender
         self.sender = TorchDistSender(spec, bucket_bytes, wire_dtype)
-        return self.sender.metas(self.backend.named_hf_weights())
+        return self.sender.metas(named)
+
+    def init_native_sender(self, backend: str, endpoints: list, bucket_bytes: int,
+                           nccl: tuple[str, int, list[int]] | None = None) -> int:
+        """``vllm_ipc`` / ``vllm_nccl``: rank 0 builds a vLLM-native sender to ``endpoints``
+        (``actors.rollout.RayEngineEndpoint``); NCCL also forms the group (``nccl`` = host, port,
+        workers per engine) and learns the stream's layout (a collective pass on every rank)."""
+        if backend == "ipc" and self.world > 1:
+            raise ValueError("vllm_ipc streams from a single learner process; use vllm_nccl")
+        if self.rank == 0:
+            from learner.megatron.weight_stream import WeightStreamSender
+            self.sender = WeightStreamSender(backend, endpoints, bucket_bytes)
+        if backend != "nccl":
+            return 0
+        named = self.backend.export_hf_weights()
+        if self.rank != 0:
+            return self._drain(named) or 0
+        host, port, sizes = nccl
+        self.sender.connect_nccl(host, port, sizes)
+        return self.sender.learn_layout(named)
 
     def send_weights(self) -> dict:
-        out = self.sender.send(self.backend.named_hf_weights(), self.backend.version)
-        out["version"] = self.backend.version
-        return out
+        """Stream the current weights to every engine; ``{"bytes", "seconds", "version"}`` on
+        rank 0, ``{}`` elsewhere."""
+        named = self.backend.export_hf_weights()
+        if self.sender is None:
+            self._drain(named)
+            return {}
+        out = self.sender.send(named, self.backend.version)
+        return {"bytes": out.get("bytes", out.get("sync/bytes", 0.0)),
+                "seconds": out.get("seconds", out.get("sync/seconds", 0.0)),
+                "version": self.backend.version}
 
-    def weights_by_value(self) -> tuple[list, int]:
-        return ([(n, t.detach().cpu().clone()) for n, t in self.backend.named_hf_weights()],
-                self.backend.version)
+    def weights_by_value(self) -> tuple[list, int] | None:
+        named = self.backend.export_hf_weights()
+        if self.rank != 0:
+            return self._drain(named)
+        return [(n, t.detach().cpu().clone()) for n, t in named], self.backend.version
 
     def save_hf(self, path: str) -> str:
-        if self.rank == 0:
-            self.backend.save_hf(path)
+        self.backend.save_hf(path)  # collective; the backend writes from the ranks that hold data
         return path
 
     def version(self) -> int:

@@ -41,11 +41,29 @@ class RolloutActor:
     def load_weights(self, named: list, version: int) -> int:
         return self.engine.load_weights(named, version)
 
+    def weight_transfer(self, method: str, payload: dict | None = None):
+        return self.engine.weight_transfer(method, payload)
+
     def gpu_ids(self) -> list[str]:
         return gpu_ids()
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+class RayEngineEndpoint:
+    """How the learner's weight sender reaches one rollout actor's vLLM-native receiver
+    (``learner.megatron.weight_stream.EngineEndpoint``): ``submit`` returns an ObjectRef, ``wait``
+    gets the results, failing with the engine's index after ``timeout_s``."""
+
+    def __init__(self, index: int, actor, timeout_s: float = 600.0):
+        self.index, self.actor, self.timeout_s = index, actor, timeout_s
+
+    def submit(self, method: str, payload: dict | None = None):
+        return self.actor.weight_transfer.remote(method, payload)
+
+    def wait(self, handles: list) -> list:
+        return get_all(handles, f"weight transfer to engine {self.index}", self.timeout_s)
 
 
 class RolloutPool:

@@ -136,12 +136,14 @@ class JobConfig:
             v = getattr(self.data, key)
             if v != "arithmetic" and not os.path.isfile(v):
                 raise ValueError(f"data.{key} {v!r}: no such file (or use 'arithmetic')")
-        if self.learner.backend == "megatron" and self.rollout.temperature != 1.0:
-            raise ValueError("learner.backend=megatron computes logprobs at temperature 1 (fused cross "
-                             "entropy); set rollout.temperature=1.0 or use learner.backend=torch")
-        if self.learner.backend == "megatron" and self.learner.mini_batches != 1:
-            raise ValueError("learner.backend=megatron takes one optimizer step per batch; "
-                             "set learner.mini_batches=1")
+        wt = self.rollout.weight_transport
+        if wt.startswith("vllm_") and self.learner.gpus_per_actor <= 0:
+            raise ValueError(f"rollout.weight_transport={wt} streams from a GPU learner: set "
+                             "learner.gpus_per_actor > 0 (or use torch_dist)")
+        if wt == "vllm_ipc" and self.learner.num_actors != 1:
+            raise ValueError("rollout.weight_transport=vllm_ipc streams from one learner process "
+                             f"(learner.num_actors=1), got {self.learner.num_actors}; use vllm_nccl "
+                             "with the engines on their own GPUs")
         if not self.learner.loss.norm_len:
             self.learner.loss.norm_len = self.rollout.max_tokens
 

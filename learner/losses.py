@@ -159,9 +159,30 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(logprobs * fmask).sum() / fmask.sum().clamp_min(1.0)
 
 
-def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean entropy (nats) of the ``[B, T, V]`` distributions over the masked positions."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)
+def token_entropy(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """Entropy (nats) of each ``[..., V]`` distribution, no grad: ``[..., V] -> [...]``.
+
+    ``group``: the logits' last dimension is split over this process group's ranks (Megatron's
+    vocab-parallel output layer); three all-reduces (max, sum of exp, sum of exp * logit) give
+    every rank the full-vocabulary entropy, ``log Z - E_p[z]``, without gathering the logits.
+    """
+    import torch.distributed as dist
+    with torch.no_grad():
+        z = logits.float()
+        m = z.max(dim=-1, keepdim=True).values
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z = z - m
+        e = z.exp()
+        sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        return sums[0].log() - sums[1] / sums[0]
+
+
+def masked_entropy(logits: torch.Tensor, mask: torch.Tensor, group=None) -> float:
+    """Mean entropy (nats) of the ``[B, T, V]`` distributions over the masked positions
+    (``group``: vocab-parallel logits, see :func:`token_entropy`)."""
+    ent = token_entropy(logits, group)
     fmask = mask.to(ent.dtype)
     return float((ent * fmask).sum() / fmask.sum().clamp_min(1.0))

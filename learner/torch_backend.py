@@ -59,6 +59,19 @@ class TorchBackend:
         import torch.distributed as dist
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    @staticmethod
+    def _rank() -> int:
+        import torch.distributed as dist
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def dp_rank(self) -> int:  # every rank holds the whole model: pure data parallel
+        return self._rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self._world()
+
     def _global_sum(self, x: float) -> float:
         if self._world() == 1:
             return x
@@ -165,6 +178,11 @@ class TorchBackend:
         for name, p in self.model.named_parameters():
             yield name, p.detach()
 
+    def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._rank() == 0:  # every rank holds the same weights: rank 0 speaks for them
+            yield from self.named_hf_weights()
+
     def save_hf(self, path: str) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        if self._rank() == 0:
+            self.model.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from rollout.datasets import PromptRecord
 from rollout.templates import TEMPLATES, render
 from rollout.types import Sample
-from rollout.weights import GroupSpec, TensorMeta
+from rollout.weights import GroupSpec, NativeReceiver, TensorMeta
 
 log = logging.getLogger(__name__)
+
+
+TRANSPORTS = ("torch_dist", "by_value", "vllm_ipc", "vllm_nccl")
 
 
 @dataclass
@@ -49,8 +52,10 @@ class RolloutConfig:
     """CPU only: KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE)."""
     seed: int = 0
     weight_transport: str = "torch_dist"
-    """How new weights reach the engines: torch_dist (gloo on CPU / NCCL on GPU broadcast) or
-    by_value (through Ray's object store; small models and tests)."""
+    """How new weights reach the engines: ``torch_dist`` (our bucketed broadcast: gloo on CPU /
+    NCCL on GPU), ``by_value`` (through Ray's object store; small models and tests), or vLLM's own
+    weight-transfer engines on GPU: ``vllm_ipc`` (CUDA IPC; the engines share the learner's one
+    GPU) or ``vllm_nccl`` (NCCL broadcast; the engines hold GPUs the learner does not)."""
     weight_bucket_mb: int = 256
     start_timeout_s: float = 600.0
     """An engine that has not started by then is a hard error."""
@@ -75,9 +80,12 @@ class RolloutConfig:
             raise ValueError(f"{where}.template {self.template!r} unknown; known: {', '.join(sorted(TEMPLATES))}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"{where}.dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
-        if self.weight_transport not in ("torch_dist", "by_value"):
-            raise ValueError(f"{where}.weight_transport must be torch_dist or by_value, "
+        if self.weight_transport not in TRANSPORTS:
+            raise ValueError(f"{where}.weight_transport must be one of {', '.join(TRANSPORTS)}, "
                              f"got {self.weight_transport!r}")
+        if self.weight_transport.startswith("vllm_") and self.gpus_per_actor <= 0:
+            raise ValueError(f"{where}.weight_transport={self.weight_transport} is vLLM's GPU weight "
+                             f"transfer: it needs {where}.gpus_per_actor > 0 (use torch_dist on CPU)")
 
 
 class VllmEngine:
@@ -96,14 +104,18 @@ class VllmEngine:
         self.weight_version = 0
         on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
         t0 = time.time()
+        native = {}
+        if cfg.weight_transport.startswith("vllm_"):
+            native["weight_transfer_config"] = {"backend": cfg.weight_transport.removeprefix("vllm_")}
         self.llm = LLM(
             model=model_path, tokenizer=model_path, dtype=cfg.dtype, seed=cfg.seed + engine_index,
             max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel,
             gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.05,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-            worker_extension_cls="rollout.weights.WorkerExtension",
+            worker_extension_cls="rollout.weights.WorkerExtension", **native,
         )
+        self.receiver = NativeReceiver(self.llm) if native else None
         self.tokenizer = self.llm.get_tokenizer()
         self.start_s = time.time() - t0
         log.info("engine %d started in %.1fs", engine_index, self.start_s)
@@ -177,6 +189,16 @@ class VllmEngine:
         n = self.llm.collective_rpc("aha_load_weights", args=(payload,))[0]
         self._after_update(version)
         return n
+
+    def weight_transfer(self, method: str, payload: dict | None = None):
+        """One step of vLLM's native weight transfer (:class:`rollout.weights.NativeReceiver`)."""
+        if self.receiver is None:
+            raise RuntimeError(f"engine {self.engine_index} was built with weight_transport="
+                               f"{self.cfg.weight_transport}, not vllm_ipc / vllm_nccl")
+        out = self.receiver.call(method, payload)
+        if method == "finish":
+            self._after_update(out)
+        return out
 
     def _after_update(self, version: int) -> None:
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights

@@ -8,7 +8,8 @@ planned from metadata both sides agree on before any byte moves.
 
 This module also holds the vLLM worker extension (:class:`WorkerExtension`), which vLLM loads into
 each worker process (``worker_extension_cls``) and which the engine drives through
-``collective_rpc``.
+``collective_rpc``, and :class:`NativeReceiver`, the engine side of vLLM's own weight-transfer
+engines (CUDA IPC / NCCL, GPU only; the learner side is :mod:`learner.megatron.weight_stream`).
 """
 from __future__ import annotations
 
@@ -196,3 +197,45 @@ class WorkerExtension:
 
     def aha_close_weight_group(self) -> None:
         self._aha_pg = None
+
+
+class NativeReceiver:
+    """Engine side of vLLM's native weight transfer, around a ``vllm.LLM`` built with a
+    ``weight_transfer_config`` (``{"backend": "ipc" | "nccl"}``; vLLM >= 0.26 on GPU).
+
+    One entry point, :meth:`call`, so a remote sender drives it with plain data: ``init`` once,
+    then per sync ``start`` -> ``update`` (one per bucket for IPC, one per stream for NCCL) ->
+    ``finish``, which returns the weight version the engine now serves. The engine must run nothing
+    else between ``start`` and ``finish`` (the model is mid-reload); the controller guarantees it by
+    submitting no generation while a sync is in flight.
+    """
+
+    METHODS = ("init", "start", "update", "finish")
+
+    def __init__(self, llm, version: int = 0):
+        self.llm = llm
+        self.version = version
+        self._pending: int | None = None
+
+    def call(self, method: str, payload: dict | None = None):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown weight-transfer call {method!r}; known: {', '.join(self.METHODS)}")
+        return getattr(self, method)(**(payload or {}))
+
+    def init(self, init_info: dict | None = None) -> None:
+        """NCCL: joins the learner's communicator and blocks until the learner joins too (submit it
+        without waiting). IPC: nothing to set up."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info or {}})
+
+    def start(self, version: int) -> None:
+        self._pending = version
+        self.llm.start_weight_update()
+
+    def update(self, update_info: dict) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish(self, version: int) -> int:
+        self.llm.finish_weight_update()
+        self.version = version if self._pending is None else self._pending
+        self._pending = None
+        return self.version

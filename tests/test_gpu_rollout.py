@@ -65,15 +65,21 @@ def test_gpu_engine_matches_learner_after_sync(tiny):
     torch.cuda.empty_cache()
 
 
+GPU_JOB = ["stages.1.steps=3", "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16",
+           "eval.num_prompts=16"]
+MEGATRON = ["learner.backend=megatron", "learner.dtype=bfloat16"]
+
+
 def _run_job(tmp_path, name, overrides):
-    """The demo job with ``overrides`` on a local Ray; returns its GRPO rows of metrics.jsonl."""
+    """The demo job on the GPU (``GPU_JOB``) with ``overrides`` on a local Ray; returns its GRPO
+    rows of metrics.jsonl."""
     import ray
 
     from cluster.cli import DEMO_CONFIG
     from cluster.config import load_config
     from cluster.controller import Controller, start_ray
 
-    cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", f"run.name={name}", *overrides])
+    cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", f"run.name={name}", *GPU_JOB, *overrides])
     start_ray(cfg)
     try:
         Controller(cfg).run()
@@ -89,25 +95,44 @@ def _show(rows, keys):
 
 
 def test_gpu_grpo_job_on_one_shared_gpu(tiny, tmp_path):
-    grpo = _run_job(tmp_path, "gpu", [
-        f"model.path={tiny}", "stages.0.steps=30", "stages.1.steps=3", "rollout.gpus_per_actor=0.5",
-        "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16",
-        "learner.gpus_per_actor=0.5", "eval.num_prompts=16"])
+    grpo = _run_job(tmp_path, "gpu", [f"model.path={tiny}", "stages.0.steps=30",
+                                      "rollout.gpus_per_actor=0.5", "learner.gpus_per_actor=0.5"])
     print("GPU job steps:", _show(grpo, ("step", "time_step_s", "time_train_s", "time_sync_s",
                                          "gen_tokens_per_s", "logprob_mismatch")))
     assert [x["weight_version"] for x in grpo] == [1, 2, 3]
 
 
+def test_gpu_grpo_job_with_vllm_ipc_transfer(tiny, tmp_path):
+    """The torch learner and the engine share the GPU; weights go through vLLM's CUDA-IPC engine."""
+    grpo = _run_job(tmp_path, "ipc", [f"model.path={tiny}", "stages.0.steps=30",
+                                      "rollout.gpus_per_actor=0.5", "learner.gpus_per_actor=0.5",
+                                      "rollout.weight_transport=vllm_ipc"])
+    print("IPC job steps:", _show(grpo, ("step", "time_sync_s", "sync_bytes", "logprob_mismatch")))
+    assert [x["weight_version"] for x in grpo] == [1, 2, 3]
+    assert all(x["logprob_mismatch"] < 0.05 for x in grpo)  # the engine serves the learner's weights
+
+
 def test_gpu_megatron_backend_in_the_grpo_job(tiny, tmp_path):
     """The same `aha train` job with learner.backend=megatron (Megatron-core + TE layer spec) on a
-    shared GPU; weights reach the vLLM engine through the torch_dist (gloo) transport."""
+    shared GPU, weights through vLLM's CUDA-IPC transfer, sampling at T=0.8, two PPO mini-batches."""
     pytest.importorskip("megatron.core")
     pytest.importorskip("transformer_engine")
     grpo = _run_job(tmp_path, "mcore", [
-        f"model.path={tiny}", "stages.0.steps=20", "stages.1.steps=3", "rollout.gpus_per_actor=0.4",
-        "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16", "learner.backend=megatron",
-        "learner.gpus_per_actor=0.5", "learner.mini_batches=1", "learner.dtype=bfloat16",
-        "learner.micro_batch_size=64", "eval.num_prompts=16"])
+        f"model.path={tiny}", "stages.0.steps=20", *MEGATRON, "rollout.gpus_per_actor=0.4",
+        "learner.gpus_per_actor=0.5", "learner.mini_batches=2", "learner.micro_batch_size=32",
+        "rollout.temperature=0.8", "rollout.weight_transport=vllm_ipc"])
     print("Megatron job steps:", _show(grpo, ("step", "time_train_s", "time_sync_s", "mismatch_abs",
-                                              "kl", "accuracy_mean")))
+                                              "logprob_mismatch", "entropy", "kl", "accuracy_mean")))
     assert [x["weight_version"] for x in grpo] == [1, 2, 3]
+    assert all(x["entropy"] > 0 and x["logprob_mismatch"] < 0.05 for x in grpo)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (learner and engine apart)")
+def test_gpu_megatron_job_with_vllm_nccl_transfer(tiny, tmp_path):
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("transformer_engine")
+    grpo = _run_job(tmp_path, "nccl", [
+        f"model.path={tiny}", "stages.0.steps=20", *MEGATRON, "rollout.gpus_per_actor=1",
+        "learner.gpus_per_actor=1", "rollout.weight_transport=vllm_nccl"])
+    assert [x["weight_version"] for x in grpo] == [1, 2, 3]
+    assert all(x["logprob_mismatch"] < 0.05 for x in grpo)

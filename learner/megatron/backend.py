@@ -12,8 +12,9 @@ Where this departs from the torch backend, and why:
    with ``learner.megatron.fp8: hybrid`` the GEMMs of the transformer layers run in FP8 (E4M3
    forward, E5M2 gradients) with delayed or current ("tensorwise") scaling. Embedding, output
    layer, router and attention core stay in BF16 (Megatron's default).
-2. Logprobs come from Megatron's vocab-parallel cross entropy (``GPTModel(labels=...)``), so the full
-   ``[B, L, V]`` logits are never gathered; therefore no entropy diagnostic.
+2. Logprobs come from Megatron's vocab-parallel cross entropy on the logits divided by the rollout
+   temperature, so the full ``[B, L, V]`` logits are never gathered across tensor-parallel ranks;
+   the entropy diagnostic is vocab-parallel too (:func:`learner.losses.token_entropy`).
 3. Sequences are right-padded to a multiple of ``16 * tensor_parallel`` (FP8 GEMMs and sequence
    parallelism need it); padding is masked out and never routed for the aux loss.
 4. Every micro-batch loss is rescaled so that the sum over micro-batches equals the loss
@@ -22,7 +23,8 @@ Where this departs from the torch backend, and why:
    ``learner.megatron``; the aux loss (or the expert bias of aux-loss-free balancing) is Megatron's.
    ``train_grpo`` returns the router's load per expert (``moe/*`` metrics).
 6. Pipeline parallel: ``named_hf_weights`` on a stage yields that stage's weights (global names);
-   every stage streams its own part.
+   ``export_hf_weights`` brings every stage's part to global rank 0, which sends them to the
+   engines. Training statistics are computed on the last stage and broadcast to the others.
 
 GPU only: megatron.core and transformer_engine are imported when the backend is built.
 """
@@ -85,11 +87,17 @@ class MegatronBackend:
         options: :class:`MegatronOptions`.
 
     Every rank of the job constructs one (``torch.distributed`` world = the learner's GPUs).
+    ``temperature``: the rollout's sampling temperature; logprobs are those of the logits divided
+    by it, as vLLM's processed logprobs are.
     """
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, options: MegatronOptions | None = None):
+    def __init__(self, model_path: str, cfg: LearnerConfig, options: MegatronOptions | None = None,
+                 temperature: float = 1.0):
         cfg.validate()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.cfg, self.opts, self.model_path = cfg, options or MegatronOptions(), model_path
+        self.temperature = temperature
         self.spec = ModelSpec.from_pretrained(model_path)
         self._init_distributed()
         world = torch.distributed.get_world_size()
@@ -118,7 +126,9 @@ class MegatronBackend:
                 raise RuntimeError("torch.distributed is not initialised and init_distributed=False")
             return
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
+        if "MASTER_PORT" not in os.environ:  # a free one: two jobs on one node must not collide
+            from rollout.weights import free_tcp_port
+            os.environ["MASTER_PORT"] = str(free_tcp_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -205,6 +215,14 @@ class MegatronBackend:
         return dict(tp=self.par.tp, tp_rank=ps.get_tensor_model_parallel_rank(),
                     pp=self.par.pp, pp_rank=ps.get_pipeline_model_parallel_rank(),
                     ep=self.par.ep, ep_rank=ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
 
     def _load_hf_weights(self, model) -> None:
         from safetensors.torch import load_file
@@ -321,7 +339,7 @@ class MegatronBackend:
         def forward_step(it, m):
             mb = next(it)
             self._pad_mask_flat = mb["pad"].t().reshape(-1)
-            out = m(mb["ids"], mb["pos"], None, labels=mb["labels"], padding_mask=mb["pad"])
+            out = m(mb["ids"], mb["pos"], None, padding_mask=mb["pad"])  # last stage: logits
             return out, partial(loss_fn, mb)
 
         fb = get_forward_backward_func()
@@ -339,11 +357,30 @@ class MegatronBackend:
                                     group=self.ps.get_pipeline_model_parallel_group())
         return t
 
+    def _scaled_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[b, s, V/tp]`` vocab-parallel logits -> FP32 logits / temperature (a fresh tensor)."""
+        return logits.float() / self.temperature if self.temperature != 1.0 else logits.float()
+
+    def _token_logprobs(self, scaled: torch.Tensor, mb: dict) -> torch.Tensor:
+        """Prediction-aligned ``[n, Lp-1]`` logprobs from :meth:`_scaled_logits` (consumes it:
+        Megatron's vocab-parallel cross entropy works in place)."""
+        from megatron.core import tensor_parallel
+        nll = tensor_parallel.vocab_parallel_cross_entropy(scaled, mb["labels"])
+        return -nll[: mb["n"], :-1]
+
+    def _entropy(self, scaled: torch.Tensor, mb: dict, mask: torch.Tensor) -> float:
+        """Mean entropy over the response tokens of the micro-batch (vocab-parallel, no grad)."""
+        rows = scaled[: mb["n"], :-1][mask > 0]
+        if rows.shape[0] == 0:
+            return 0.0
+        group = self.ps.get_tensor_model_parallel_group() if self.par.tp > 1 else None
+        return float(losses.token_entropy(rows, group).mean())
+
     def _logprobs_pred(self, micro, model=None) -> torch.Tensor:
         """Prediction-aligned ``[B, Lp-1]`` logprobs (no grad), on every PP stage."""
         def lf(mb, out):
-            lp = -out.float()[: mb["n"], :-1]
-            return out.float().sum() * 0.0, {"lp": lp.detach()}
+            lp = self._token_logprobs(self._scaled_logits(out), mb)
+            return lp.sum() * 0.0, {"lp": lp.detach()}
 
         was_training = (model or self.model).training
         (model or self.ddp).eval()
@@ -365,11 +402,10 @@ class MegatronBackend:
         return out
 
     def _step(self, micro, loss_fn) -> tuple[list[dict], dict[str, float]]:
+        """One optimizer step over ``micro`` (router counts accumulate until the caller reads them)."""
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        for c in self._router_counts:
-            c.zero_()
         self._count_routes = True
         t0 = time.perf_counter()
         try:
@@ -378,30 +414,50 @@ class MegatronBackend:
             self._count_routes = False
         ok, grad_norm, _ = self.optimizer.step()
         torch.cuda.synchronize()
-        step_s = time.perf_counter() - t0
-        if ok:
-            self.version += 1
-        stats = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                 "update_skipped": float(not ok), "time/learner_step_s": step_s}
-        stats.update(self._router_metrics(len(micro)))
-        return res, stats
+        return res, {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                     "update_skipped": float(not ok), "time/learner_step_s": time.perf_counter() - t0}
 
-    def _weights(self, micro, batch_mask: torch.Tensor, aggregation: str) -> list[float]:
-        """Per-micro-batch weight so that sum_i w_i * loss_i == loss of the whole batch."""
+    def _train(self, micro, loss_fn, aggregation: str, mini_batches: int) -> dict[str, float]:
+        """``mini_batches`` optimizer steps over consecutive groups of ``micro``; the version advances
+        by one. Each micro-batch's loss is scaled so that a step's gradient is that of
+        :mod:`learner.losses` on its mini-batch (``mb["scale"]``, read by ``loss_fn``)."""
+        for c in self._router_counts:
+            c.zero_()
+        n_mini = min(mini_batches, len(micro))
+        bounds = [len(micro) * i // n_mini for i in range(n_mini + 1)]
+        res, steps = [], []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            part = micro[lo:hi]
+            for mb, w in zip(part, self._weights(part, aggregation)):
+                mb["scale"] = w * len(part)  # Megatron's schedule divides each loss by len(part)
+            r, st = self._step(part, loss_fn)
+            res += r
+            steps.append(st)
+        if any(st["update_skipped"] == 0.0 for st in steps):
+            self.version += 1
+        stats = {"grad_norm": sum(st["grad_norm"] for st in steps) / len(steps),
+                 "update_skipped": sum(st["update_skipped"] for st in steps) / len(steps),
+                 "time/learner_step_s": sum(st["time/learner_step_s"] for st in steps)}
+        stats.update(self._router_metrics(len(micro)))
+        return self._reduce_stats(res, self._weights(micro, aggregation), stats)
+
+    @staticmethod
+    def _weights(micro, aggregation: str) -> list[float]:
+        """Per-micro-batch weight so that sum_i w_i * loss_i == the loss of all of ``micro``."""
         if aggregation == "token_mean":
-            total = float(batch_mask.sum().clamp_min(1.0))
-            return [float(mb["mask"][: mb["n"]].sum()) / total for mb in micro]
+            tokens = [float(mb["mask"][: mb["n"]].sum()) for mb in micro]
+            total = max(sum(tokens), 1.0)
+            return [t / total for t in tokens]
         n = sum(mb["n"] for mb in micro)
         return [mb["n"] / n for mb in micro]
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
+        """``learner.mini_batches`` optimizer steps on ``batch`` (old logprobs taken once, before
+        the first); the version advances by one."""
         lc = self.cfg.loss
         micro, L = self._micro_batches(batch)
         t0 = time.perf_counter()
-        if lc.old_logprobs == "learner":
-            old = self._logprobs_pred(micro)
-        else:
-            old = None
+        old = self._logprobs_pred(micro) if lc.old_logprobs == "learner" else None
         ref = self._logprobs_pred(micro, model=self.ref_model) if self.ref_model is not None else None
         t_old = time.perf_counter() - t0
         row = 0
@@ -412,16 +468,13 @@ class MegatronBackend:
             if ref is not None:
                 mb["ref"] = ref[row: row + n]
             row += n
-        weights = self._weights(micro, batch.response_mask[:, 1:], lc.aggregation)
-        for mb, w in zip(micro, weights):
-            mb["w"] = w
-        nmb = len(micro)
-        norm_len = L - 1
 
         def loss_fn(mb, out):
             n = mb["n"]
-            lp = -out.float()[:n, :-1]
             mask, rollout = mb["mask"][:n], mb["rollout"][:n]
+            scaled = self._scaled_logits(out)
+            entropy = self._entropy(scaled, mb, mask)  # before the cross entropy reuses `scaled`
+            lp = self._token_logprobs(scaled, mb)
             if "old" in mb:
                 old_lp = mb["old"]
                 isw = losses.truncated_is_weight(old_lp, rollout, lc.tis_cap)
@@ -430,45 +483,51 @@ class MegatronBackend:
             loss, st = losses.grpo_loss(
                 lp, old_lp, mb["adv"], mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
                 ref_logprobs=mb.get("ref"), kl_coef=lc.kl_coef, is_weights=isw,
-                aggregation=lc.aggregation, norm_len=norm_len)
+                aggregation=lc.aggregation, norm_len=lc.norm_len or None)
             with torch.no_grad():
                 fm = mask.float()
                 k = fm.sum().clamp_min(1.0)
                 st["mismatch_abs"] = float(((lp.detach() - rollout).abs() * fm).sum() / k)
-                st["tis_weight_mean"] = float((isw * fm).sum() / k) if isw is not None else 1.0
+                if old is not None:  # the engine/learner mismatch at the same weights (TIS input)
+                    st["logprob_mismatch"] = float(((old_lp - rollout).abs() * fm).sum() / k)
+                if isw is not None:
+                    st["is_weight_mean"] = float((isw * fm).sum() / k)
                 st["loss"] = float(loss.detach())
+                st["entropy"] = entropy
                 st["tokens"] = float(fm.sum())
-            return loss * (mb["w"] * nmb), st
+            return loss * mb["scale"], st
 
-        res, stats = self._step(micro, loss_fn)
+        stats = self._train(micro, loss_fn, lc.aggregation, self.cfg.mini_batches)
         stats["time/old_logprobs_s"] = t_old
-        return self._reduce_stats(res, weights, stats)
+        return stats
 
     def train_sft(self, batch: TrainBatch) -> dict[str, float]:
         micro, _ = self._micro_batches(batch)
-        weights = self._weights(micro, batch.response_mask[:, 1:], "token_mean")
-        for mb, w in zip(micro, weights):
-            mb["w"] = w
-        nmb = len(micro)
 
         def loss_fn(mb, out):
             n = mb["n"]
-            lp = -out.float()[:n, :-1]
+            lp = self._token_logprobs(out.float(), mb)  # SFT: temperature 1, as the torch backend
             loss = losses.sft_loss(lp, mb["mask"][:n])
-            return loss * (mb["w"] * nmb), {"sft_loss": float(loss.detach()),
-                                             "tokens": float(mb["mask"][:n].sum())}
+            return loss * mb["scale"], {"sft_loss": float(loss.detach()),
+                                        "tokens": float(mb["mask"][:n].sum())}
 
-        res, stats = self._step(micro, loss_fn)
-        return self._reduce_stats(res, weights, stats)
+        return self._train(micro, loss_fn, "token_mean", 1)
 
     def _reduce_stats(self, res: list[dict], weights: list[float], stats: dict) -> dict[str, float]:
-        """Weighted means of the per-micro-batch stats (last PP stage; others get none)."""
+        """Weighted means of the per-micro-batch stats; computed on the last PP stage and broadcast
+        to the other stages, so every rank (rank 0 included) returns them."""
         if res:
             keys = [k for k in res[0] if k != "tokens"]
             for k in keys:
                 stats[k] = sum(w * r[k] for w, r in zip(weights, res))
             stats["tokens"] = sum(r.get("tokens", 0.0) for r in res)
             stats["perf/tokens_per_s"] = stats["tokens"] / max(stats["time/learner_step_s"], 1e-9)
+        if self.par.pp > 1:
+            box = [stats if self.ps.is_pipeline_last_stage() else None]
+            torch.distributed.broadcast_object_list(
+                box, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                group=self.ps.get_pipeline_model_parallel_group())
+            stats = {**box[0], **{k: v for k, v in stats.items() if k.startswith("time/")}}
         stats["version"] = float(self.version)
         return stats
 
@@ -528,8 +587,15 @@ class MegatronBackend:
             yield convert.global_name(name, self.spec, c["pp"], c["pp_rank"], 1, 0), t
 
     def named_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights under Hugging Face names (BF16, on GPU), layer by layer, nothing held back."""
+        """This stage's weights under Hugging Face names (BF16, on GPU), layer by layer, nothing
+        held back. Every rank of the stage must iterate (TP / EP gathers)."""
         return convert.mcore_to_hf_iter(self.named_megatron_weights(), self.spec)
+
+    def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective over all ranks: the whole model on global rank 0, nothing elsewhere."""
+        from learner.weight_sync import stream_stages_to_rank0
+        return stream_stages_to_rank0(self.named_hf_weights(), self.ps.get_pipeline_model_parallel_rank(),
+                                      self.par.pp, device=torch.device("cuda", torch.cuda.current_device()))
 
     def save_hf(self, path: str) -> None:
         """Write config, safetensors (one file per pipeline stage) and tokenizer files."""

@@ -11,11 +11,12 @@ vLLM 0.26 ships weight-transfer engines selected by ``LLM(..., weight_transfer_c
 
 Both are bucketed (``bucket_bytes``), so peak extra memory is one or two buckets, not a model copy.
 
-Engine side: :class:`EngineReceiver` wraps a ``vllm.LLM`` and is what a rollout actor calls
-(``start`` -> ``update`` per bucket -> ``finish``); :class:`LocalEngine` adapts one in this process to
-the sender. A Ray rollout actor exposes ``receiver.call(method, payload)`` and the controller wraps
-its handle in an :class:`EngineEndpoint` whose ``submit`` returns the ObjectRef and ``wait`` does
-``ray.get``; this module never imports Ray itself (vLLM's ipc module does).
+Engine side: :class:`rollout.weights.NativeReceiver` (re-exported here as ``EngineReceiver``) wraps a
+``vllm.LLM`` and is what a rollout actor calls (``start`` -> ``update`` per bucket -> ``finish``);
+:class:`LocalEngine` adapts one in this process to the sender. In a job, every rollout actor exposes
+``weight_transfer(method, payload)`` and the learner's rank 0 reaches it through
+``actors.rollout.RayEngineEndpoint`` (``submit`` returns the ObjectRef, ``wait`` does ``ray.get``);
+this module never imports Ray itself (vLLM's ipc module does).
 
 Example (one process, one GPU)::
 
@@ -32,6 +33,8 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
+from rollout.weights import NativeReceiver as EngineReceiver  # the engine side (re-exported)
+
 BACKENDS = ("ipc", "nccl")
 DEFAULT_BUCKET_BYTES = 512 << 20
 
@@ -44,41 +47,6 @@ class EngineEndpoint(Protocol):
 
     def wait(self, handles: list) -> list:
         """Block until every handle from :meth:`submit` is done; return their results."""
-
-
-class EngineReceiver:
-    """Engine-side helper around a ``vllm.LLM`` built with a ``weight_transfer_config``.
-
-    ``version`` is the weight version the engine serves (set by ``finish``), so samples can carry it.
-    """
-
-    def __init__(self, llm, version: int = 0):
-        self.llm = llm
-        self.version = version
-        self._pending: int | None = None
-
-    def call(self, method: str, payload: dict | None = None):
-        """One entry point for remote callers: ``init`` | ``start`` | ``update`` | ``finish``."""
-        return getattr(self, method)(**(payload or {}))
-
-    def init(self, init_info: dict | None = None) -> None:
-        """Once, before the first update (NCCL: joins the learner's communicator; blocks until the
-        learner joins too, so submit it asynchronously)."""
-        self.llm.init_weight_transfer_engine({"init_info": init_info or {}})
-
-    def start(self, version: int) -> None:
-        self._pending = version
-        self.llm.start_weight_update()
-
-    def update(self, update_info: dict) -> None:
-        """Receive one bucket (IPC) or a whole broadcast stream (NCCL) and load it."""
-        self.llm.update_weights({"update_info": update_info})
-
-    def finish(self, version: int) -> int:
-        self.llm.finish_weight_update()
-        self.version = version if self._pending is None else self._pending
-        self._pending = None
-        return self.version
 
 
 class LocalEngine:
@@ -112,8 +80,10 @@ class WeightStreamSender:
         bucket_bytes: bucket size; every tensor must fit in one bucket.
         nccl_buffers: NCCL only: buckets in flight (double buffering by default).
 
-    Every learner rank calls :meth:`send` with the same stream (the learner's gathers are
-    collectives); IPC merges the ranks' handles (vLLM does this), NCCL sends from rank 0 only.
+    Only the learner's rank 0 holds a sender; it sends the backend's ``export_hf_weights()``
+    stream while the other ranks iterate theirs (their part of the gathers). IPC with several
+    learner ranks is not supported here (vLLM would all-gather every rank's handles, which needs
+    the full model on every rank): the job checks that an IPC learner is one process.
     """
 
     def __init__(self, backend: str, engines: list[EngineEndpoint],
@@ -152,6 +122,13 @@ class WeightStreamSender:
             {"master_address": master_address, "master_port": master_port, "world_size": world})
         for eng, h in handles:
             eng.wait([h])
+
+    def learn_layout(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Record names, shapes and dtypes of a stream without keeping its tensors (NCCL engines
+        must know them before a broadcast starts). Without it the first NCCL send holds the whole
+        stream once to learn them. Returns the number of tensors."""
+        self._meta = [(n, list(t.shape), str(t.dtype).split(".")[-1]) for n, t in named_tensors]
+        return len(self._meta)
 
     # ------------------------------------------------------------------ send
     def _fan_out(self, method: str, payload: dict | None = None) -> list:

@@ -32,6 +32,8 @@ def test_dotted_overrides_reach_nested_and_list_fields():
     ("learner.lr=fast", "learner.lr must be float"),
     ("model.path=/nonexistent", "model.path"),
     ("data.train=/nope.jsonl", "data.train"),
+    ("rollout.weight_transport=nccl", "one of torch_dist, by_value, vllm_ipc, vllm_nccl"),
+    ("rollout.weight_transport=vllm_ipc", "rollout.gpus_per_actor > 0"),
 ])
 def test_bad_config_fails_with_the_field_named(override, message):
     with pytest.raises(ValueError, match=message):
@@ -57,3 +59,28 @@ def test_float_fields_accept_yaml_exponent_strings():
 def test_apply_override_rejects_missing_equals():
     with pytest.raises(ValueError, match="key.path=value"):
         apply_override({}, "learner.lr")
+
+
+def test_vllm_transports_need_gpu_learners_and_ipc_one_learner_process():
+    gpu = ["rollout.gpus_per_actor=0.5"]
+    with pytest.raises(ValueError, match="learner.gpus_per_actor > 0"):
+        load_config(DEMO_CONFIG, gpu + ["rollout.weight_transport=vllm_nccl"])
+    with pytest.raises(ValueError, match="learner.num_actors=1"):
+        load_config(DEMO_CONFIG, gpu + ["rollout.weight_transport=vllm_ipc", "learner.gpus_per_actor=0.5",
+                                        "learner.num_actors=2"])
+    cfg = load_config(DEMO_CONFIG, gpu + ["rollout.weight_transport=vllm_ipc", "learner.gpus_per_actor=0.5"])
+    assert cfg.rollout.weight_transport == "vllm_ipc"
+
+
+def test_megatron_takes_any_temperature_and_mini_batches():
+    cfg = load_config(DEMO_CONFIG, ["learner.backend=megatron", "learner.gpus_per_actor=1",
+                                    "rollout.temperature=0.7", "learner.mini_batches=4"])
+    assert cfg.rollout.temperature == 0.7 and cfg.learner.mini_batches == 4
+
+
+@pytest.mark.parametrize("name", ["grpo_gpu.yaml", "megatron_moe.yaml", "megatron_moe_1gpu.yaml"])
+def test_example_configs_load(name, tmp_path):
+    import os
+    path = os.path.join(os.path.dirname(DEMO_CONFIG), "..", "..", "examples", name)
+    cfg = load_config(path, [f"model.path={tmp_path}", "data.train=arithmetic", "data.test=arithmetic"])
+    assert cfg.learner.gpus_per_actor > 0

@@ -50,24 +50,28 @@ def _batch(B=4, L=48, V=256, prompt=16, seed=0):
     return TrainBatch(ids, attn, rmask, torch.zeros(B, L), adv)
 
 
-def _hf_logprobs(model, batch):
+def _hf_logprobs(model, batch, temperature=1.0, with_entropy=False):
     model = model.cuda().eval()
     with torch.no_grad():
         logits = model(batch.input_ids.cuda(), attention_mask=batch.attention_mask.cuda()).logits
-    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(
-        -1, batch.input_ids.cuda()[:, 1:, None])[..., 0]
+    logp = torch.log_softmax(logits.float() / temperature, -1)[:, :-1]
+    lp = logp.gather(-1, batch.input_ids.cuda()[:, 1:, None])[..., 0]
     out = torch.zeros(batch.input_ids.shape)
     out[:, 1:] = lp.cpu()
-    return out
+    if not with_entropy:
+        return out
+    ent = -(logp.exp() * logp).sum(-1).cpu()  # [B, L-1], position t predicts token t+1
+    m = batch.response_mask[:, 1:]
+    return out, float((ent * m).sum() / m.sum())
 
 
-def _backend(path, **mkw):
+def _backend(path, temperature=1.0, micro_batch_size=2, mini_batches=1, **mkw):
     from learner.config import LearnerConfig, LossConfig, MegatronConfig
     from learner.megatron.backend import MegatronBackend
-    cfg = LearnerConfig(backend="megatron", gpus_per_actor=1, lr=1e-4, micro_batch_size=2,
-                        dtype="bfloat16", loss=LossConfig(old_logprobs="learner"),
+    cfg = LearnerConfig(backend="megatron", gpus_per_actor=1, lr=1e-4, micro_batch_size=micro_batch_size,
+                        mini_batches=mini_batches, dtype="bfloat16", loss=LossConfig(old_logprobs="learner"),
                         megatron=MegatronConfig(**mkw))
-    return MegatronBackend(path, cfg)
+    return MegatronBackend(path, cfg, temperature=temperature)
 
 
 def _free(*objs):
@@ -127,6 +131,36 @@ def test_save_hf_loads_in_transformers(stack, tmp_path):
     print(f"after a step: megatron vs saved-and-reloaded transformers: mean {err.mean():.4f}")
     assert err.mean() < 0.02
     _free(be, loaded)
+
+
+def test_logprobs_and_entropy_at_the_rollout_temperature(stack, tmp_path):
+    """vLLM's processed logprobs are those of logits / T: the learner must score the same."""
+    hf = _tiny_moe(tmp_path, stack)
+    batch = _batch()
+    ref, ref_ent = _hf_logprobs(hf, batch, temperature=0.7, with_entropy=True)
+    be = _backend(str(tmp_path), temperature=0.7, micro_batch_size=4)
+    lp = be.logprobs(batch)
+    m = batch.attention_mask.bool()
+    m[:, 0] = False
+    err = (lp - ref)[m].abs()
+    st = be.train_grpo(batch)  # one micro-batch: its entropy is the token mean over the batch
+    print(f"T=0.7: logprob |diff| mean {err.mean():.4f} max {err.max():.4f}; entropy megatron "
+          f"{st['entropy']:.4f} vs transformers {ref_ent:.4f}")
+    assert err.mean() < 0.02 and err.max() < 0.25
+    assert abs(st["entropy"] - ref_ent) < 0.02 * ref_ent
+    _free(be, hf)
+
+
+def test_mini_batches_take_that_many_optimizer_steps(stack, tmp_path):
+    _tiny_moe(tmp_path, stack)
+    be = _backend(str(tmp_path), micro_batch_size=1, mini_batches=2)
+    before = {n: t.clone() for n, t in be.named_hf_weights()}
+    st = be.train_grpo(_batch())
+    assert be.version == 1 and torch.isfinite(torch.tensor(st["loss"]))
+    # the second mini-batch is scored by weights the first step moved: its ratio is no longer 1
+    assert abs(st["ratio_mean"] - 1.0) > 1e-5
+    assert any(not torch.equal(before[k], t) for k, t in be.named_hf_weights())
+    _free(be)
 
 
 def test_fp8_config_is_validated_before_gpu_work(tmp_path, stack):
