@@ -30,7 +30,9 @@ def make_backend(model_path: str, cfg: LearnerConfig, temperature: float):
 @ray.remote
 class LearnerActor:
     def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float, rank: int,
-                 world: int, master: tuple[str, int] | None):
+                 world: int, master: tuple[str, int] | None, timeout_s: float = 600.0):
+        import datetime
+
         import torch
         import torch.distributed as dist
 
@@ -39,8 +41,11 @@ class LearnerActor:
         self.rank, self.world = rank, world
         if world > 1:
             backend = "nccl" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "gloo"
+            # ranks other than 0 may wait in a collective while rank 0 feeds busy engines: give
+            # them the job's timeout, not the 10 min default
             dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
-                                    rank=rank, world_size=world)
+                                    rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=max(600.0, timeout_s)))
         self.backend = make_backend(model_path, cfg, temperature)
         tok = getattr(self.backend, "tokenizer", None)
         if tok is None:
@@ -145,7 +150,8 @@ class LearnerGroup:
         self.cfg, self.timeout_s = cfg, timeout_s
         master = free_port() if cfg.num_actors > 1 else None
         self.actors = [LearnerActor.options(num_cpus=num_cpus, num_gpus=cfg.gpus_per_actor).remote(
-            model_path, cfg, temperature, r, cfg.num_actors, master) for r in range(cfg.num_actors)]
+            model_path, cfg, temperature, r, cfg.num_actors, master, timeout_s)
+            for r in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "learner start", timeout_s)
 
     @property

@@ -71,8 +71,13 @@ class RolloutPool:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, num_cpus: float = 1.0):
         self.cfg = cfg
+        env = {}
+        if cfg.weight_transport == "vllm_ipc":
+            # CUDA IPC handles carry torch types, which vLLM's engine-core messages only pass with
+            # its pickle fallback (traffic between the engine's own local processes)
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         opts = {"num_cpus": num_cpus, "num_gpus": cfg.gpus_per_actor,
-                "runtime_env": {"env_vars": {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                "runtime_env": {"env_vars": {**env, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                                              "VLLM_USE_FLASHINFER_SAMPLER": "0",
                                              "HF_HUB_OFFLINE": "1",
                                              # keep the terminal to progress + one line per step

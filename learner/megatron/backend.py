@@ -216,6 +216,12 @@ class MegatronBackend:
                     pp=self.par.pp, pp_rank=ps.get_pipeline_model_parallel_rank(),
                     ep=self.par.ep, ep_rank=ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0)
 
+    @staticmethod
+    def _comm_device() -> torch.device:
+        """Where tensors for the learner's collectives live (NCCL: the current GPU)."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+
     @property
     def dp_rank(self) -> int:
         return self.ps.get_data_parallel_rank()
@@ -326,7 +332,30 @@ class MegatronBackend:
             for k, v in shifted.items():
                 mb[k] = v[rows].to(dev)
             out.append(mb)
-        return out, L
+        return self._equalize(out, Lp, list(shifted), dev), L
+
+    def _equalize(self, micro: list[dict], Lp: int, keys: list[str], dev) -> list[dict]:
+        """Pad with empty micro-batches (``n = 0``: no row counts, zero loss scale) up to the largest
+        count of any data-parallel rank. Every rank must run as many as the others: the gradient
+        reduction and MoE token dispatch are collectives, and data-parallel shards can differ by a
+        row (or be empty when the batch is smaller than the data-parallel size)."""
+        if self.par.dp == 1 and micro:
+            return micro
+        most = torch.tensor([len(micro)], device=dev)
+        if self.par.dp > 1:
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX,
+                                         group=self.ps.get_data_parallel_group())
+        nb = self.cfg.micro_batch_size if self.par.pp > 1 else 1
+        while len(micro) < max(1, int(most.item())):
+            z = torch.zeros(nb, Lp, dtype=torch.long, device=dev)
+            mb = {"ids": z, "labels": z.clone(), "pos": torch.arange(Lp, device=dev).expand(nb, Lp),
+                  "pad": torch.zeros(nb, Lp, dtype=torch.bool, device=dev),
+                  "count_pad": torch.ones(nb, Lp, dtype=torch.bool, device=dev),  # not counted
+                  "n": 0, "adv": torch.zeros(0, device=dev)}
+            for k in keys:
+                mb[k] = torch.zeros(0, Lp - 1, device=dev)
+            micro.append(mb)
+        return micro
 
     def _run(self, micro, loss_fn, forward_only: bool, model=None):
         """Megatron's forward(-backward) schedule over ``micro``; returns the loss_fn dicts."""
@@ -338,7 +367,7 @@ class MegatronBackend:
 
         def forward_step(it, m):
             mb = next(it)
-            self._pad_mask_flat = mb["pad"].t().reshape(-1)
+            self._pad_mask_flat = mb.get("count_pad", mb["pad"]).t().reshape(-1)
             out = m(mb["ids"], mb["pos"], None, padding_mask=mb["pad"])  # last stage: logits
             return out, partial(loss_fn, mb)
 
@@ -368,13 +397,18 @@ class MegatronBackend:
         nll = tensor_parallel.vocab_parallel_cross_entropy(scaled, mb["labels"])
         return -nll[: mb["n"], :-1]
 
-    def _entropy(self, scaled: torch.Tensor, mb: dict, mask: torch.Tensor) -> float:
-        """Mean entropy over the response tokens of the micro-batch (vocab-parallel, no grad)."""
-        rows = scaled[: mb["n"], :-1][mask > 0]
-        if rows.shape[0] == 0:
+    @torch.no_grad()
+    def _entropy(self, scaled: torch.Tensor, mb: dict, mask: torch.Tensor, chunk: int = 1024) -> float:
+        """Mean entropy over the response tokens of the micro-batch (vocab-parallel, no grad),
+        ``chunk`` positions at a time so its temporaries stay small next to the logits."""
+        rows = scaled[: mb["n"], :-1].reshape(-1, scaled.shape[-1])
+        idx = (mask.reshape(-1) > 0).nonzero().squeeze(1)
+        if idx.numel() == 0:
             return 0.0
         group = self.ps.get_tensor_model_parallel_group() if self.par.tp > 1 else None
-        return float(losses.token_entropy(rows, group).mean())
+        total = sum(float(losses.token_entropy(rows[idx[i: i + chunk]], group).sum())
+                    for i in range(0, idx.numel(), chunk))
+        return total / idx.numel()
 
     def _logprobs_pred(self, micro, model=None) -> torch.Tensor:
         """Prediction-aligned ``[B, Lp-1]`` logprobs (no grad), on every PP stage."""
@@ -448,7 +482,7 @@ class MegatronBackend:
             tokens = [float(mb["mask"][: mb["n"]].sum()) for mb in micro]
             total = max(sum(tokens), 1.0)
             return [t / total for t in tokens]
-        n = sum(mb["n"] for mb in micro)
+        n = max(sum(mb["n"] for mb in micro), 1)
         return [mb["n"] / n for mb in micro]
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
@@ -471,6 +505,8 @@ class MegatronBackend:
 
         def loss_fn(mb, out):
             n = mb["n"]
+            if n == 0:  # padding micro-batch (see _equalize): no loss, no statistics
+                return out.float().sum() * 0.0, {"tokens": 0.0}
             mask, rollout = mb["mask"][:n], mb["rollout"][:n]
             scaled = self._scaled_logits(out)
             entropy = self._entropy(scaled, mb, mask)  # before the cross entropy reuses `scaled`
@@ -506,6 +542,8 @@ class MegatronBackend:
 
         def loss_fn(mb, out):
             n = mb["n"]
+            if n == 0:  # padding micro-batch (see _equalize)
+                return out.float().sum() * 0.0, {"tokens": 0.0}
             lp = self._token_logprobs(out.float(), mb)  # SFT: temperature 1, as the torch backend
             loss = losses.sft_loss(lp, mb["mask"][:n])
             return loss * mb["scale"], {"sft_loss": float(loss.detach()),
@@ -517,10 +555,22 @@ class MegatronBackend:
         """Weighted means of the per-micro-batch stats; computed on the last PP stage and broadcast
         to the other stages, so every rank (rank 0 included) returns them."""
         if res:
-            keys = [k for k in res[0] if k != "tokens"]
-            for k in keys:
-                stats[k] = sum(w * r[k] for w, r in zip(weights, res))
-            stats["tokens"] = sum(r.get("tokens", 0.0) for r in res)
+            keys = {k for r in res for k in r if k != "tokens"}
+            if self.par.dp > 1:  # a replica of padding micro-batches alone reports no keys
+                seen = [None] * self.par.dp
+                torch.distributed.all_gather_object(seen, keys, group=self.ps.get_data_parallel_group())
+                keys = set().union(*seen)
+            keys = sorted(keys)
+            loss_stats = {k: sum(w * r.get(k, 0.0) for w, r in zip(weights, res)) for k in keys}
+            tokens = sum(r.get("tokens", 0.0) for r in res)
+            if self.par.dp > 1:  # every replica's rows count: mean of the means, sum of tokens
+                t = torch.tensor([loss_stats[k] for k in keys] + [tokens], dtype=torch.float64,
+                                 device=self._comm_device())
+                torch.distributed.all_reduce(t, group=self.ps.get_data_parallel_group())
+                loss_stats = {k: float(v) / self.par.dp for k, v in zip(keys, t[:-1].tolist())}
+                tokens = float(t[-1])
+            stats.update(loss_stats)
+            stats["tokens"] = tokens
             stats["perf/tokens_per_s"] = stats["tokens"] / max(stats["time/learner_step_s"], 1e-9)
         if self.par.pp > 1:
             box = [stats if self.ps.is_pipeline_last_stage() else None]
@@ -600,15 +650,20 @@ class MegatronBackend:
     def save_hf(self, path: str) -> None:
         """Write config, safetensors (one file per pipeline stage) and tokenizer files."""
         from safetensors.torch import save_file
-        tensors = {n: t.contiguous().cpu() for n, t in self.named_hf_weights()}
         rank = torch.distributed.get_rank()
         stage = self.ps.get_pipeline_model_parallel_rank()
-        stages = [None] * torch.distributed.get_world_size()
+        world = torch.distributed.get_world_size()
+        where = [None] * world
+        torch.distributed.all_gather_object(where, stage)
+        writer = min(r for r in range(world) if where[r] == stage)  # the stage's lowest rank writes
+        tensors = {}
+        for n, t in self.named_hf_weights():  # every rank iterates: the gathers are collectives
+            if rank == writer:
+                tensors[n] = t.contiguous().cpu()
+        stages = [None] * world
         torch.distributed.all_gather_object(stages, (stage, rank, sorted(tensors)))
-        writers = {}
-        for st, r, names in stages:
-            if st not in writers or r < writers[st][0]:
-                writers[st] = (r, names)
+        writers = {st: (r, names) for st, r, names in stages if r == min(
+            q for q in range(world) if where[q] == st)}
         pp = self.par.pp
         fname = "model.safetensors" if pp == 1 else f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"
         if writers[stage][0] == rank:

@@ -198,6 +198,7 @@ class WeightStreamSender:
         handles = [(e, e.submit("update", {"update_info": info})) for e in self.engines]
 
         def checked(it):
+            i = -1
             for i, (n, t) in enumerate(it):
                 if i >= len(names) or n != names[i]:
                     raise RuntimeError(f"weight stream changed: tensor {i} is {n!r}, engines "
@@ -205,6 +206,9 @@ class WeightStreamSender:
                 counter["bytes"] += t.numel() * t.element_size()
                 counter["n"] += 1
                 yield n, t
+            if i + 1 != len(names):  # the engines would wait for the missing tensors forever
+                raise RuntimeError(f"weight stream ended after {i + 1} tensors, engines expect "
+                                   f"{len(names)} (next: {names[i + 1]!r})")
 
         NCCLWeightTransferEngine.trainer_send_weights(
             checked(iter(items) if items is not None else named_tensors),

@@ -77,3 +77,59 @@ def test_every_stage_reaches_rank0_and_other_ranks_get_nothing(tmp_path):
 def test_one_process_streams_its_own_weights():
     named = _stage_tensors(0)
     assert list(stream_stages_to_rank0(iter(named), 0, 1)) == named
+
+
+# ---- the Megatron backend's data-parallel bookkeeping (its GPU-free methods, on a bare instance) ----
+
+class _PS:
+    """parallel_state stand-in: the whole gloo world is one data-parallel group."""
+    @staticmethod
+    def get_data_parallel_group():
+        return dist.group.WORLD
+
+
+def _bare_backend(dp, micro_batch_size=2):
+    from learner.config import LearnerConfig
+    from learner.megatron.backend import MegatronBackend
+    from learner.megatron.spec import Parallel
+    be = object.__new__(MegatronBackend)  # no model: only the bookkeeping methods are exercised
+    be.par, be.ps, be.version = Parallel(dp=dp), _PS(), 0
+    be.cfg = LearnerConfig(micro_batch_size=micro_batch_size)
+    return be
+
+
+def _micro(n_rows, Lp=8):
+    return [{"n": n, "mask": torch.ones(n, Lp - 1), "rollout": torch.zeros(n, Lp - 1)} for n in n_rows]
+
+
+def _equalize_worker(rank, world, port, out):
+    _init(rank, world, port)
+    be = _bare_backend(dp=world)
+    micro = be._equalize(_micro([2, 2, 1] if rank == 0 else []), 8, ["mask", "rollout"], "cpu")
+    weights = be._weights(micro, "token_mean")
+    res = [{"loss": 1.0 + rank, "kl": 0.5, "tokens": float(mb["mask"].sum())} if mb["n"] else
+           {"tokens": 0.0} for mb in micro]
+    stats = be._reduce_stats(res, weights, {"time/learner_step_s": 1.0})
+    torch.save({"n": [mb["n"] for mb in micro], "weights": weights, "stats": stats}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_run_as_many_micro_batches_and_share_statistics(tmp_path):
+    """A rank whose shard is short (here: empty) pads with empty micro-batches, so both ranks run
+    the same collectives; padding weighs nothing; statistics cover both replicas."""
+    out = str(tmp_path / "eq")
+    mp.spawn(_equalize_worker, args=(2, free_tcp_port(), out), nprocs=2)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["n"] == [2, 2, 1] and r1["n"] == [0, 0, 0]
+    assert abs(sum(r0["weights"]) - 1.0) < 1e-9 and r1["weights"] == [0.0, 0.0, 0.0]
+    for r in (r0, r1):  # mean over replicas of each replica's mean; tokens summed
+        assert r["stats"]["tokens"] == 5 * 7
+        assert abs(r["stats"]["loss"] - (1.0 + 0.0) / 2) < 1e-9 and abs(r["stats"]["kl"] - 0.25) < 1e-9
+
+
+def test_one_replica_pads_only_an_empty_shard():
+    be = _bare_backend(dp=1)
+    assert [mb["n"] for mb in be._equalize(_micro([2, 1]), 8, ["mask"], "cpu")] == [2, 1]
+    padded = be._equalize([], 8, ["mask", "rollout"], "cpu")
+    assert [mb["n"] for mb in padded] == [0] and padded[0]["mask"].shape == (0, 7)
+    assert be._weights(padded, "seq_mean_token_mean") == [0.0]
