@@ -118,9 +118,7 @@ class LearnerActor:
             self._drain(named)
             return {}
         out = self.sender.send(named, self.backend.version)
-        return {"bytes": out.get("bytes", out.get("sync/bytes", 0.0)),
-                "seconds": out.get("seconds", out.get("sync/seconds", 0.0)),
-                "version": self.backend.version}
+        return {"bytes": out["bytes"], "seconds": out["seconds"], "version": self.backend.version}
 
     def weights_by_value(self) -> tuple[list, int] | None:
         named = self.backend.export_hf_weights()

@@ -77,10 +77,10 @@ class WeightSync:
         rc = self.rollouts.cfg
         live = self.rollouts.live()
         host, port = ray.get(self.learners.rank0.free_port.remote(), timeout=60)
-        # NCCL when learner and engines hold GPUs and none is shared (NCCL cannot put two ranks on
-        # one GPU); otherwise gloo through host memory.
+        # NCCL wherever vLLM's NCCL transfer could run too (learner and engines on GPUs, none
+        # shared: NCCL cannot put two ranks on one GPU); otherwise gloo through host memory.
         mine, theirs = self._gpus()
-        gpu = bool(mine) and all(theirs) and not any(mine & t for t in theirs)
+        gpu = check_placement("vllm_nccl", mine, theirs, len(self.learners.actors)) is None
         tp = self.rollouts.workers_per_engine()
         spec = GroupSpec(host, port, 1 + len(live) * tp, "nccl" if gpu else "gloo",
                          timeout_s=self.timeout_s)

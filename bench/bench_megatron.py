@@ -319,10 +319,10 @@ def cmd_grpo(a):
     first = sender.send(be.named_hf_weights(), be.version)  # vLLM serves the learner's init
     copy_gbs = copy_bandwidth()
     syncs = [sender.send(be.named_hf_weights(), be.version) for _ in range(3)]
-    sync_s = min(s["sync/seconds"] for s in syncs)
-    result(stage="ipc_sync_bandwidth", engine_start_s=t_start, gb=syncs[0]["sync/bytes"] / 1e9,
-           sync_s=sync_s, sync_gb_per_s=syncs[0]["sync/bytes"] / 1e9 / sync_s,
-           first_sync_s=first["sync/seconds"], device_copy_gb_per_s=copy_gbs,
+    sync_s = min(s["seconds"] for s in syncs)
+    result(stage="ipc_sync_bandwidth", engine_start_s=t_start, gb=syncs[0]["bytes"] / 1e9,
+           sync_s=sync_s, sync_gb_per_s=syncs[0]["bytes"] / 1e9 / sync_s,
+           first_sync_s=first["seconds"], device_copy_gb_per_s=copy_gbs,
            bucket_mb=a.bucket_mb)
 
     n_prompts, G, plen, gen = a.prompts, a.group, 64, a.gen_len
@@ -362,7 +362,7 @@ def cmd_grpo(a):
             result(stage="grpo_step_colocated", samples=len(r_ids), response_tokens=n_prompts * G * gen,
                    rollout_vs_learner_mismatch=st.get("mismatch_abs"), phases=ph,
                    gen_tokens_per_s=n_prompts * G * gen / ph["generate_s"],
-                   sync_gb=sync["sync/bytes"] / 1e9, version=be.version, engine_version=receiver.version)
+                   sync_gb=sync["bytes"] / 1e9, version=be.version, engine_version=receiver.version)
 
 
 def main():

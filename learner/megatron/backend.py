@@ -406,9 +406,9 @@ class MegatronBackend:
         if idx.numel() == 0:
             return 0.0
         group = self.ps.get_tensor_model_parallel_group() if self.par.tp > 1 else None
-        total = sum(float(losses.token_entropy(rows[idx[i: i + chunk]], group).sum())
+        total = sum(losses.token_entropy(rows[idx[i: i + chunk]], group).sum()
                     for i in range(0, idx.numel(), chunk))
-        return total / idx.numel()
+        return float(total) / idx.numel()  # one device sync per micro-batch, not per chunk
 
     def _logprobs_pred(self, micro, model=None) -> torch.Tensor:
         """Prediction-aligned ``[B, Lp-1]`` logprobs (no grad), on every PP stage."""

@@ -138,7 +138,8 @@ class WeightStreamSender:
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
         """Stream ``named_tensors`` into every engine and make them serve ``version``.
 
-        Returns ``{"sync/bytes", "sync/seconds", "sync/gb_per_s", "sync/tensors"}``.
+        Returns ``{"bytes", "seconds", "gb_per_s", "tensors"}`` (the first two are those of
+        :class:`learner.weight_sync.WeightSender`).
         """
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         counter = {"bytes": 0, "n": 0}
@@ -162,8 +163,8 @@ class WeightStreamSender:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         gb = counter["bytes"] / 1e9
-        return {"sync/bytes": float(counter["bytes"]), "sync/seconds": dt,
-                "sync/gb_per_s": gb / dt if dt > 0 else 0.0, "sync/tensors": float(counter["n"])}
+        return {"bytes": float(counter["bytes"]), "seconds": dt,
+                "gb_per_s": gb / dt if dt > 0 else 0.0, "tensors": float(counter["n"])}
 
     def _send_ipc(self, it, rank0: bool) -> None:
         from vllm.distributed.weight_transfer.ipc_engine import (
