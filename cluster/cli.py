@@ -1,4 +1,5 @@
-"""``aha`` command line: ``aha train CONFIG.yaml [key=value ...]``, ``aha demo``, ``aha sandbox``."""
+"""``aha`` command line: ``aha train CONFIG.yaml [key=value ...]``, ``aha demo``, ``aha report RUN_DIR``,
+``aha sandbox``."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,33 @@ def _train(config: str | None, overrides: list[str], address: str | None) -> int
             print(f"  {stage:>10} {when:>5}: pass@1 {row['accuracy']:.3f}  cons@{row['k']} {row['cons_at_k']:.3f}")
     with open(os.path.join(ctl.run_dir, "summary.json"), "w") as f:
         json.dump(results, f, indent=1)
+    from cluster.report import plot_curves, where_to_look
+
+    try:
+        plot_curves(ctl.run_dir)
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded; say why there is no plot
+        print(f"aha: could not plot the curves: {e}", file=sys.stderr)
+    print(where_to_look(os.path.relpath(ctl.run_dir), _self_command()))
+    return 0
+
+
+def _self_command() -> str:
+    """How the user invoked aha (``.venv/bin/aha`` from ``make demo``), for the hint lines."""
+    me = sys.argv[0] if sys.argv else ""
+    if os.path.basename(me) == "aha" and os.path.exists(me):
+        rel = os.path.relpath(me)
+        return rel if rel.startswith(".") or os.sep in rel else "aha"
+    return "aha"
+
+
+def _report(run_dir: str, samples: int) -> int:
+    from cluster.report import report
+
+    try:
+        print(report(run_dir, samples))
+    except FileNotFoundError as e:
+        print(f"aha: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -52,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the embedded R1-Zero demo: tiny model, arithmetic, SFT then GRPO")
     d.add_argument("overrides", nargs="*")
     d.add_argument("--address")
+    r = sub.add_parser("report", help="table, curves.png and sample trajectories of a run directory")
+    r.add_argument("run_dir", help="e.g. runs/demo")
+    r.add_argument("--samples", type=int, default=3, help="trajectories to print (default 3)")
     sub.add_parser("sandbox", help="run a Python file in the code sandbox (see `aha sandbox -h`)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(a.config, a.overrides, a.address)
     if a.cmd == "demo":
         return _train(DEMO_CONFIG, a.overrides, a.address)
+    if a.cmd == "report":
+        return _report(a.run_dir, a.samples)
     return 2
 
 

@@ -116,6 +116,9 @@ class VllmEngine:
             worker_extension_cls="rollout.weights.WorkerExtension", **native,
         )
         self.receiver = NativeReceiver(self.llm) if native else None
+        # quiet vLLM's expected "Failed to load weights" warnings for tied / computed layers in
+        # every worker before the first sync, whichever transport reloads (rollout.weights)
+        self.llm.collective_rpc("aha_reload_warnings")
         self.tokenizer = self.llm.get_tokenizer()
         self.start_s = time.time() - t0
         log.info("engine %d started in %.1fs", engine_index, self.start_s)

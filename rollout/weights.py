@@ -145,6 +145,62 @@ def _refresh_packed_embeddings(model) -> int:
     return n
 
 
+# vLLM's layerwise reload warns "<Layer>: Failed to load weights" for every layer that holds
+# loadable tensors but received none during a reload. For two kinds of layer that is expected and
+# harmless: a tied ``lm_head`` (ParallelLMHead) whose weight *is* the embedding's parameter (the
+# checkpoint carries it once, under embed_tokens; vLLM puts the shared tensor back, so it holds the
+# new values: ``aha_param_sums`` checks the pointer, tests/test_weight_sync.py the logprobs), and
+# RotaryEmbedding, whose only tensor is a cos/sin cache computed from the config (a non-persistent
+# buffer, never in a checkpoint). Every sync printed both, two lines a step. The filter below drops
+# the warning only for layer classes all of whose instances are of those kinds in *this* model; the
+# warning for any other layer still reaches the log, because it would mean stale weights.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+RELOAD_WARNING = "%s: Failed to load weights"
+
+
+def expected_unloaded_layers(model) -> set[str]:
+    """Class names of the layers that a reload is right to leave unloaded: every tensor they hold
+    is a non-persistent buffer or an alias of a parameter that an earlier layer owns (tied; like
+    ``named_parameters``, the first owner in module order is the one the checkpoint loads)."""
+    first_owner: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                first_owner.setdefault(id(p), id(module))
+    verdict: dict[str, bool] = {}
+    for module in model.modules():
+        params = {n: p for n, p in module._parameters.items() if p is not None}
+        buffers = {n: b for n, b in module._buffers.items() if b is not None}
+        if not params and not buffers:
+            continue
+        benign = (all(first_owner[id(p)] != id(module) for p in params.values())
+                  and all(n in module._non_persistent_buffers_set for n in buffers))
+        name = type(module).__name__
+        verdict[name] = verdict.get(name, True) and benign
+    return {name for name, ok in verdict.items() if ok}
+
+
+class ReloadWarningFilter(logging.Filter):
+    """Drops vLLM's reload warning for the layer classes in ``expected``; counts what it dropped
+    and keeps every other such warning (``passed``) so a test can see nothing real was hidden."""
+
+    def __init__(self, expected: set[str]):
+        super().__init__()
+        self.expected = set(expected)
+        self.dropped: dict[str, int] = {}
+        self.passed: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != RELOAD_WARNING or not record.args:
+            return True
+        layer = str(record.args[0])
+        if layer in self.expected:
+            self.dropped[layer] = self.dropped.get(layer, 0) + 1
+            return False
+        self.passed.append(layer)
+        return True
+
+
 class WorkerExtension:
     """Mixed into each vLLM worker (``LLM(worker_extension_cls="rollout.weights.WorkerExtension")``).
 
@@ -164,7 +220,23 @@ class WorkerExtension:
                             else torch.device("cpu"))
         return rank
 
+    def _aha_quiet_reload(self) -> ReloadWarningFilter:
+        """Installed once, before the first reload, while the model still holds its real tensors."""
+        filt = getattr(self, "_aha_reload_filter", None)
+        if filt is None:
+            filt = ReloadWarningFilter(expected_unloaded_layers(self.model_runner.model))
+            logging.getLogger(RELOAD_LOGGER).addFilter(filt)
+            self._aha_reload_filter = filt
+        return filt
+
+    def aha_reload_warnings(self) -> dict:
+        """What the reload-warning filter saw: ``{"expected", "dropped", "passed"}``."""
+        filt = self._aha_quiet_reload()
+        return {"expected": sorted(filt.expected), "dropped": dict(filt.dropped),
+                "passed": list(filt.passed)}
+
     def aha_receive_weights(self, metas: list, bucket_bytes: int) -> int:
+        self._aha_quiet_reload()
         metas = [TensorMeta(m[0], m[1], tuple(m[2])) for m in metas]
         device = self._aha_device
         # reload_weights restores each layer's checkpoint format before loading and re-applies the
@@ -181,6 +253,7 @@ class WorkerExtension:
         from safetensors.torch import load
 
         named = load(payload)
+        self._aha_quiet_reload()
         self.model_runner.reload_weights(weights_iterator=iter(named.items()), is_checkpoint_format=True)
         _refresh_packed_embeddings(self.model_runner.model)
         return len(named)

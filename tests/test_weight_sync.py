@@ -98,3 +98,49 @@ def test_generated_samples_carry_version_and_logprobs(setup):
         assert len(s.response_logprobs) == len(s.response_ids) > 0
         assert all(lp <= 0 for lp in s.response_logprobs)
     assert [s.group_index for s in samples[:4]] == [0, 1, 2, 3]
+
+
+def test_reload_warnings_hidden_only_for_tied_and_computed_layers(setup):
+    """vLLM warns "<Layer>: Failed to load weights" for a layer that got nothing in a reload. For
+    the tied lm_head and the rotary cache that is expected (see rollout.weights); the filter must
+    have dropped exactly those, after the syncs above, and let no other layer's warning through."""
+    engine, *_ = setup
+    seen = engine.llm.collective_rpc("aha_reload_warnings")[0]
+    assert seen["expected"] == ["ParallelLMHead", "RotaryEmbedding"]
+    assert seen["passed"] == []
+    assert set(seen["dropped"]) == {"ParallelLMHead", "RotaryEmbedding"}
+    lm_head = engine.llm.collective_rpc("aha_param_sums")[0]["<lm_head>"]
+    assert lm_head[2] is True  # still the embedding's tensor after the reloads
+
+
+def test_reload_filter_keeps_warnings_for_layers_that_should_load():
+    import logging
+
+    from rollout.weights import RELOAD_WARNING, ReloadWarningFilter, expected_unloaded_layers
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(4), persistent=False)
+
+    class Head(torch.nn.Module):
+        def __init__(self, weight=None):
+            super().__init__()
+            self.weight = weight if weight is not None else torch.nn.Parameter(torch.zeros(2))
+
+    class Model(torch.nn.Module):
+        def __init__(self, tied: bool):
+            super().__init__()
+            self.embed = torch.nn.Embedding(3, 2)
+            self.rotary = Rotary()
+            self.head = Head(self.embed.weight if tied else None)
+
+    assert expected_unloaded_layers(Model(tied=True)) == {"Rotary", "Head"}
+    assert expected_unloaded_layers(Model(tied=False)) == {"Rotary"}
+
+    filt = ReloadWarningFilter({"Rotary"})
+    rec = lambda layer: logging.LogRecord("x", logging.WARNING, "f", 1, RELOAD_WARNING, (layer,), None)
+    assert filt.filter(rec("Rotary")) is False
+    assert filt.filter(rec("Head")) is True  # an untied head that got nothing: stale, keep it
+    assert filt.filter(logging.LogRecord("x", logging.WARNING, "f", 1, "other %s", ("Rotary",), None))
+    assert filt.dropped == {"Rotary": 1} and filt.passed == ["Head"]
