@@ -44,19 +44,50 @@ class RewardActor:
                      reward_actor=self.index, reward_pool=self.scorer.stats())
         return {"batch": to_arrow(samples), "stats": stats}
 
+    def vote(self, groups: list) -> list[float]:
+        """cons@k of each ``(answers, correctness)`` group (``Scorer.vote``)."""
+        return self.scorer.vote([(list(a), list(c)) for a, c in groups])
+
     def shutdown(self) -> None:
         self.scorer.close()
 
 
 class RewardPool:
+    """``cfg.num_actors`` stateless reward actors, used round-robin. A dead one is replaced
+    (:meth:`restart`); its lost batch is the caller's to resubmit (the stream retries it once)."""
+
     def __init__(self, cfg: RewardConfig, num_cpus: float = 1.0, start_timeout_s: float = 300.0):
-        self.actors = [RewardActor.options(num_cpus=num_cpus).remote(cfg, i) for i in range(cfg.num_actors)]
+        self.cfg, self.num_cpus, self.timeout_s = cfg, num_cpus, start_timeout_s
+        self.actors = [self._start(i) for i in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "reward actor start", start_timeout_s)
         self._rr = itertools.cycle(range(len(self.actors)))
+        self.restarts = 0
 
-    def async_score(self, rollout_ref) -> "ray.ObjectRef":
-        """Chain scoring onto a pending rollout result; returns the scored result's ref at once."""
-        return self.actors[next(self._rr)].score_rollout.remote(rollout_ref)
+    def _start(self, index: int):
+        return RewardActor.options(num_cpus=self.num_cpus).remote(self.cfg, index)
+
+    def async_score(self, rollout_ref) -> tuple["ray.ObjectRef", int]:
+        """Chain scoring onto a pending rollout result; returns ``(scored ref, reward actor index)``
+        at once."""
+        i = next(self._rr)
+        return self.actors[i].score_rollout.remote(rollout_ref), i
+
+    def restart(self, index: int, why: str) -> None:
+        """Replace reward actor ``index`` (stateless: nothing to restore) and wait until it is up."""
+        log.error("reward actor %d died (%s); starting a replacement", index, why)
+        try:
+            ray.kill(self.actors[index])
+        except Exception:  # noqa: BLE001 - it is dead already
+            pass
+        self.actors[index] = self._start(index)
+        get_all([self.actors[index].ready.remote()], f"reward actor {index} restart", self.timeout_s)
+        self.restarts += 1
+
+    def vote(self, groups: list) -> list[float]:
+        """cons@k of each ``(answers, correctness)`` group, on one reward actor (its killable
+        math-verify workers), within the pool's timeout."""
+        actor = self.actors[next(self._rr)]
+        return get_all([actor.vote.remote(groups)], "cons@k vote", self.timeout_s)[0]
 
     def shutdown(self) -> None:
         for a in self.actors:

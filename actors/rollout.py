@@ -28,8 +28,8 @@ class RolloutActor:
         return {"index": self.index, "start_s": self.engine.start_s}
 
     def generate(self, records: list[PromptRecord], n: int | None = None,
-                 temperature: float | None = None) -> dict:
-        samples, stats = self.engine.generate(records, n, temperature)
+                 temperature: float | None = None, top_p: float | None = None) -> dict:
+        samples, stats = self.engine.generate(records, n, temperature, top_p)
         return {"batch": to_arrow(samples), "stats": stats}
 
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
@@ -97,6 +97,14 @@ class RolloutPool:
             log.error("rollout engine %d removed from the pool: %s", index, why)
         if not self.alive:
             raise RuntimeError(f"every rollout engine is dead (last: engine {index}: {why})")
+
+    def kill(self, index: int, why: str) -> None:
+        """Stop a hung engine (its requests are counted by the caller) and remove it."""
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.mark_dead(index, why)
 
     def live(self) -> list[tuple[int, "ray.actor.ActorHandle"]]:
         return [(i, self.actors[i]) for i in sorted(self.alive)]

@@ -1,23 +1,38 @@
 """The asynchronous rollout stream: keeps the engines generating while the learner trains.
 
-Each engine has at most one request in flight (``prompts_per_request`` prompts x G samples); its
-result is chained straight into the reward pool (no round trip through the controller), and the
-scored groups wait in a buffer until the controller takes a step's worth.
+Each engine has at most one request in flight (up to ``prompts_per_request`` prompts x G samples);
+its result is chained straight into the reward pool (no round trip through the controller), and
+the scored groups wait in a buffer until the controller takes a step's worth.
 
 Staleness. A sample made by weights of version ``v`` and trained on at learner version ``t`` has
 staleness ``t - v``. ``max_staleness`` bounds it (0 = synchronous, on-policy):
-- admission: a request is only started if the step that will consume it (predicted from what is
-  already buffered or in flight) is within ``max_staleness`` of the engines' current version, so
-  with 0 nothing is generated while the learner trains and with 1 the next batch is generated
-  during the current step;
-- at ``take`` any sample past the bound is dropped and counted (``dropped_stale``), never trained
-  on silently. Failed requests (dead engine, crashed reward actor) are counted by reason too.
+- admission: the engines' current version ``e`` can feed the steps ``next_consumer ..
+  e + max_staleness``; a request is started only for groups those steps still need (``budget``),
+  and is cut to that many prompts, so no generated group is bound to go stale. With 0 nothing is
+  generated while the learner trains; with 1 the next batch is generated during the current step;
+- at ``take`` the freshest groups go first, and any sample past the bound is dropped and counted
+  (``dropped_stale``), never trained on silently.
+
+Failures are told apart by where they happened:
+- the engine's generation failed: a dead engine is removed from the pool (``dropped_actor_died``),
+  an error in a live one is counted (``dropped_request_error``);
+- the engine generated but the reward actor died: the reward actor is restarted (it is stateless)
+  and the same generation result is scored again, once (``reward_retries``); a second failure
+  drops the batch (``dropped_reward_failed``). The engine is never blamed for it.
+A request not done after ``rollout.generate_timeout_s`` (an engine core that died mid-generation
+never answers) has its engine killed and removed (``dropped_generate_timeout``).
+An engine whose last ``max_consecutive_failures`` requests all failed is removed from the pool
+(when it was the last one, the job stops with its last error) instead of being refilled forever;
+``4 x`` that many failures in a row across the whole pool stop the job too. A group with a
+sample the engine aborted is dropped (``dropped_aborted``). ``generated`` / ``trained`` count samples; what is left at the end of a stage is counted
+by :meth:`close` (``dropped_end_of_stage``).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import ray
@@ -30,75 +45,184 @@ from rollout.types import Sample, from_arrow
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Request:
+    engine: int
+    n_groups: int
+    gen: "ray.ObjectRef"
+    reward_actor: int
+    retried: bool = False
+    t0: float = 0.0
+    """time.monotonic() when the generation was submitted."""
+
+
 class RolloutStream:
     def __init__(self, rollouts: RolloutPool, rewards: RewardPool, prompts: Iterator[PromptRecord],
-                 groups_per_step: int, max_staleness: int, timeout_s: float = 900.0):
+                 groups_per_step: int, max_staleness: int, timeout_s: float = 900.0,
+                 max_consecutive_failures: int = 8, total_takes: int | None = None):
         self.rollouts, self.rewards, self.prompts = rollouts, rewards, prompts
         self.cfg = rollouts.cfg
         self.groups_per_step, self.max_staleness, self.timeout_s = groups_per_step, max_staleness, timeout_s
+        self.max_consecutive_failures = max_consecutive_failures
+        self.total_takes = total_takes  # the stage's steps: nothing is generated past the last one
+        self.takes = 0
         self.engine_version = 0       # version every live engine holds (synced together)
         self.next_consumer = 0        # learner version at the next take()
-        self.ready: deque[list[Sample]] = deque()  # scored groups, oldest first
-        self.inflight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (engine, n_groups)
+        self.ready: deque[list[Sample]] = deque()  # scored groups
+        self.inflight: dict[ray.ObjectRef, Request] = {}
         self.dropped: Counter = Counter()
+        self.counts: Counter = Counter()  # generated, trained, reward_retries
         self.gen_stats: list[dict] = []
+        self._failures_in_a_row = 0   # across the pool
+        self._engine_failures: Counter = Counter()  # per engine, reset by its next success
 
     # ---- admission -------------------------------------------------------------------------
     def _queued_groups(self) -> int:
-        return len(self.ready) + sum(n for _, n in self.inflight.values())
+        return len(self.ready) + sum(r.n_groups for r in self.inflight.values())
+
+    def budget(self) -> int:
+        """Groups that may still be started: what the steps the current weights can feed (within
+        the staleness bound) need, less what is buffered or in flight."""
+        steps = self.engine_version + self.max_staleness - self.next_consumer + 1
+        if self.total_takes is not None:
+            steps = min(steps, self.total_takes - self.takes)
+        return steps * self.groups_per_step - self._queued_groups()
 
     def fill(self) -> None:
-        """Start a request on every idle engine whose samples would be usable (see module doc)."""
-        busy = {e for e, _ in self.inflight.values()}
-        for idx, actor in self.rollouts.live():
-            if idx in busy:
-                continue
-            consume_at = self.next_consumer + self._queued_groups() // self.groups_per_step
-            if consume_at - self.engine_version > self.max_staleness:
+        """Start a request on every idle engine, for as many groups as the budget allows (split
+        evenly over the idle engines, at most ``prompts_per_request`` each)."""
+        busy = {r.engine for r in self.inflight.values()}
+        idle = [(idx, actor) for idx, actor in self.rollouts.live() if idx not in busy]
+        for k, (idx, actor) in enumerate(idle):
+            budget = self.budget()
+            if budget <= 0:
                 return
-            records = [next(self.prompts) for _ in range(self.cfg.prompts_per_request)]
+            # spread the budget over the idle engines rather than loading the first one
+            n = min(self.cfg.prompts_per_request, -(-budget // (len(idle) - k)))
+            records = [next(self.prompts) for _ in range(n)]
             gen = actor.generate.remote(records)
-            ref = self.rewards.async_score(gen)
-            self.inflight[ref] = (idx, len(records))
+            ref, reward_actor = self.rewards.async_score(gen)
+            self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic())
 
     # ---- consumption -----------------------------------------------------------------------
+    def _engine_error(self, req: Request) -> BaseException | None:
+        """The generation's own error, or None when the engine produced its result."""
+        ready, _ = ray.wait([req.gen], timeout=0)
+        if not ready:
+            return None
+        try:
+            ray.get(req.gen)
+        except Exception as e:  # noqa: BLE001 - returned to the caller to classify
+            return e
+        return None
+
+    def _failed(self, req: Request, error: BaseException) -> None:
+        n = req.n_groups * self.cfg.group_size
+        engine_error = self._engine_error(req)
+        if engine_error is not None:
+            if isinstance(engine_error, ray.exceptions.RayActorError):
+                self.dropped["dropped_actor_died"] += n
+                log.error("rollout engine %d died (%d samples lost): %s", req.engine, n, engine_error)
+                self.rollouts.mark_dead(req.engine, f"{type(engine_error).__name__}: {engine_error}")
+            else:
+                self.dropped["dropped_request_error"] += n
+                log.error("rollout request on engine %d failed (%d samples dropped): %s",
+                          req.engine, n, engine_error)
+            what = f"{type(engine_error).__name__}: {engine_error}"
+            self._count_failure(f"rollout engine {req.engine}: {what}")
+            if not isinstance(engine_error, ray.exceptions.RayActorError):
+                self._engine_failures[req.engine] += 1
+                k = self._engine_failures[req.engine]
+                if k >= self.max_consecutive_failures:
+                    self.rollouts.mark_dead(req.engine, f"its last {k} requests in a row failed; "
+                                                        f"last: {what[:2000]}")
+            return
+        # the engine generated; scoring failed
+        if isinstance(error, ray.exceptions.RayActorError):
+            self.rewards.restart(req.reward_actor, f"{type(error).__name__}")
+        if not req.retried:
+            self.counts["reward_retries"] += 1
+            log.warning("reward actor %d failed on a batch of engine %d (%s); scoring it again",
+                        req.reward_actor, req.engine, type(error).__name__)
+            ref, reward_actor = self.rewards.async_score(req.gen)
+            self.inflight[ref] = Request(req.engine, req.n_groups, req.gen, reward_actor, retried=True,
+                                         t0=time.monotonic())
+            return
+        self.dropped["dropped_reward_failed"] += n
+        log.error("scoring a batch of engine %d failed twice (%d samples dropped): %s", req.engine, n, error)
+        self._count_failure(f"reward actor {req.reward_actor}: {type(error).__name__}: {error}")
+
+    def _count_failure(self, what: str) -> None:
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= 4 * self.max_consecutive_failures:
+            raise RuntimeError(f"{self._failures_in_a_row} rollout requests failed in a row, none "
+                               f"succeeded; stopping instead of retrying forever. Last: {what[:2000]}")
+
+    def _expire(self, now: float) -> bool:
+        """Kill the engine of every request older than ``rollout.generate_timeout_s`` (a hung
+        engine core never answers); returns whether any expired."""
+        limit = self.cfg.generate_timeout_s
+        expired = [(ref, r) for ref, r in self.inflight.items() if now - r.t0 >= limit]
+        for ref, req in expired:
+            del self.inflight[ref]
+            n = req.n_groups * self.cfg.group_size
+            self.dropped["dropped_generate_timeout"] += n
+            why = f"request of {n} samples not done after rollout.generate_timeout_s={limit:.0f}s"
+            log.error("rollout engine %d: %s; killing it", req.engine, why)
+            self.rollouts.kill(req.engine, why)
+            self._count_failure(f"rollout engine {req.engine}: {why}")
+        return bool(expired)
+
     def _collect(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._expire(time.monotonic()) and not self.inflight:
+            return  # noticed even while other engines keep answering
+        while True:
+            now = time.monotonic()
+            nearest = min(r.t0 for r in self.inflight.values()) + self.cfg.generate_timeout_s
+            done, _ = ray.wait(list(self.inflight), num_returns=1,
+                               timeout=max(0.0, min(nearest, deadline) - now))
+            if done:
+                break
+            if self._expire(time.monotonic()):
+                return
+            if time.monotonic() >= deadline:
+                engines = sorted(r.engine for r in self.inflight.values())
+                raise TimeoutError(f"no rollout finished within {timeout:.0f}s (engines in flight: {engines})")
         refs = list(self.inflight)
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if not done:
-            engines = sorted(e for e, _ in self.inflight.values())
-            raise TimeoutError(f"no rollout finished within {timeout:.0f}s (engines in flight: {engines})")
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # everything else already done
         for ref in done:
-            engine, n_groups = self.inflight.pop(ref)
+            req = self.inflight.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                self.dropped["dropped_actor_died"] += n_groups * self.cfg.group_size
-                log.error("rollout request on engine %d lost (%d samples): %s", engine,
-                          n_groups * self.cfg.group_size, e)
-                self.rollouts.mark_dead(engine, f"{type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001 - classified, counted, logged in _failed
+                self._failed(req, e)
                 continue
-            except Exception as e:  # noqa: BLE001 - a failed request is counted, logged, skipped
-                self.dropped["dropped_request_error"] += n_groups * self.cfg.group_size
-                log.error("rollout request on engine %d failed (%d samples dropped): %s", engine,
-                          n_groups * self.cfg.group_size, e)
-                continue
+            self._failures_in_a_row = 0
+            self._engine_failures[req.engine] = 0
             self.gen_stats.append(result["stats"])
             samples = from_arrow(result["batch"])
+            self.counts["generated"] += len(samples)
             g = self.cfg.group_size
             for i in range(0, len(samples), g):
-                self.ready.append(samples[i:i + g])
+                group = samples[i:i + g]
+                if any(s.finish_reason == "abort" for s in group):
+                    # the engine cancelled part of the group: an incomplete group has no
+                    # meaningful mean, and an aborted sample is not a wrong answer
+                    self.dropped["dropped_aborted"] += len(group)
+                    continue
+                self.ready.append(group)
 
     def take(self, learner_version: int) -> tuple[list[list[Sample]], dict]:
-        """Block until ``groups_per_step`` fresh groups are ready; return them and stream stats."""
+        """Block until ``groups_per_step`` fresh groups are ready; return the freshest and stats."""
         self.next_consumer = learner_version
         t0 = time.time()
         while True:
-            fresh = deque(grp for grp in self.ready
-                          if learner_version - grp[0].weight_version <= self.max_staleness)
+            fresh = [grp for grp in self.ready
+                     if learner_version - grp[0].weight_version <= self.max_staleness]
             self.dropped["dropped_stale"] += sum(len(g) for g in self.ready) - sum(len(g) for g in fresh)
-            self.ready = fresh
+            fresh.sort(key=lambda grp: -grp[0].weight_version)  # stable: oldest-first within a version
+            self.ready = deque(fresh)
             if len(self.ready) >= self.groups_per_step:
                 break
             self.fill()
@@ -107,6 +231,8 @@ class RolloutStream:
                                    f"(ready={len(self.ready)}, need={self.groups_per_step})")
             self._collect(self.timeout_s)
         groups = [self.ready.popleft() for _ in range(self.groups_per_step)]
+        self.takes += 1
+        self.counts["trained"] += sum(len(g) for g in groups)
         stats, self.gen_stats = self.gen_stats, []
         self.next_consumer = learner_version + 1
         self.fill()  # prefetch while the learner trains (only if the staleness bound allows)
@@ -120,3 +246,14 @@ class RolloutStream:
         """Wait for requests in flight (before evaluation or shutdown); keeps their samples."""
         while self.inflight:
             self._collect(self.timeout_s)
+
+    def close(self) -> int:
+        """End of a stage: wait for what is in flight and count every generated sample that will
+        not be trained on (``dropped_end_of_stage``). Returns that count."""
+        self.drain()
+        left = sum(len(g) for g in self.ready)
+        self.ready.clear()
+        if left:
+            self.dropped["dropped_end_of_stage"] += left
+            log.info("%d generated samples left unused at the end of the stage (counted)", left)
+        return left

@@ -25,7 +25,11 @@ def _train(config: str | None, overrides: list[str], address: str | None) -> int
 
     from cluster.controller import Controller, start_ray
 
-    ctl = Controller(cfg)
+    try:
+        ctl = Controller(cfg)
+    except ValueError as e:  # e.g. the run directory is taken: before any actor starts
+        print(f"aha: {e}", file=sys.stderr)
+        return 2
     with open(os.path.join(ctl.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     start_ray(cfg)
@@ -35,7 +39,7 @@ def _train(config: str | None, overrides: list[str], address: str | None) -> int
         for when, row in r.items():
             print(f"  {stage:>10} {when:>5}: pass@1 {row['accuracy']:.3f}  cons@{row['k']} {row['cons_at_k']:.3f}")
     with open(os.path.join(ctl.run_dir, "summary.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"eval": results, "samples": ctl.sample_counts}, f, indent=1)
     from cluster.report import plot_curves, where_to_look
 
     try:

@@ -53,6 +53,8 @@ class EvalConfig:
     k: int = 4
     """Samples per prompt: pass@1 is averaged over k, cons@k is the majority vote of k."""
     temperature: float = 1.0
+    top_p: float = 1.0
+    """Nucleus sampling for evaluation only (training needs rollout.top_p = 1, see validate)."""
 
 
 @dataclass
@@ -73,6 +75,19 @@ class AlgoConfig:
     """Groups per learner step; the batch is prompts_per_step x rollout.group_size samples."""
     max_staleness: int = 1
     """How many weight versions behind a trained-on sample may be (0 = synchronous on-policy)."""
+    truncated: str = "mask"
+    """Responses cut at rollout.max_tokens: ``mask`` (no loss; DAPO's overlong filtering) or
+    ``keep`` (trained on with their reward). See learner/shaping.py."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: the last N tokens before max_tokens cost up to
+    ``overlong_penalty`` reward, linearly (0: off)."""
+    overlong_penalty: float = 1.0
+    failed_checks: str = "mask"
+    """Samples whose verification timed out or crashed: ``mask`` (no loss, left out of their
+    group's statistics) or ``zero`` (trained on as reward 0). Counted either way."""
+    zero_variance_groups: str = "keep"
+    """Groups whose rewards are all equal (advantage 0): ``keep`` or ``drop`` from the loss
+    (DAPO's dynamic-sampling filter). A step where nothing is left is skipped and counted."""
 
 
 @dataclass
@@ -95,6 +110,9 @@ class RunConfig:
     """Ray CPU resources per actor (fractions share cores on a laptop)."""
     timeout_s: float = 900.0
     """Longest any single actor call may take before the job stops with an error."""
+    if_exists: str = "error"
+    """When ``<root>/<name>`` already holds a run (a metrics.jsonl): ``error`` (stop before any
+    actor starts), ``overwrite`` (delete it first) or ``new`` (use ``<name>-2``, ``-3``, ...)."""
 
 
 @dataclass
@@ -117,8 +135,28 @@ class JobConfig:
             raise ValueError(f"algo.prompts_per_step must be >= 1, got {self.algo.prompts_per_step}")
         if self.algo.max_staleness < 0:
             raise ValueError(f"algo.max_staleness must be >= 0, got {self.algo.max_staleness}")
+        for key, allowed in (("truncated", ("mask", "keep")), ("failed_checks", ("mask", "zero")),
+                             ("zero_variance_groups", ("keep", "drop"))):
+            if getattr(self.algo, key) not in allowed:
+                raise ValueError(f"algo.{key} must be {' or '.join(allowed)}, got {getattr(self.algo, key)!r}")
+        if not 0 <= self.algo.overlong_buffer < self.rollout.max_tokens:
+            raise ValueError(f"algo.overlong_buffer must be in [0, rollout.max_tokens="
+                             f"{self.rollout.max_tokens}), got {self.algo.overlong_buffer}")
         if self.eval.k < 1 or self.eval.num_prompts < 0:
             raise ValueError("eval.k must be >= 1 and eval.num_prompts >= 0")
+        if not 0 < self.eval.top_p <= 1:
+            raise ValueError(f"eval.top_p must be in (0, 1], got {self.eval.top_p}")
+        if self.run.if_exists not in ("error", "overwrite", "new"):
+            raise ValueError(f"run.if_exists must be error|overwrite|new, got {self.run.if_exists!r}")
+        if self.rollout.max_tokens >= self.rollout.max_model_len:
+            raise ValueError(f"rollout.max_tokens={self.rollout.max_tokens} leaves no room for the "
+                             f"prompt in rollout.max_model_len={self.rollout.max_model_len}")
+        if self.rollout.top_p < 1 and any(st.type == "grpo" for st in self.stages):
+            raise ValueError(
+                f"rollout.top_p={self.rollout.top_p} with a grpo stage: vLLM's logprobs are then "
+                "renormalised over the nucleus while the learner's are over the full tempered "
+                "softmax, which biases every token's importance ratio (at top_p 0.7 the mean weight "
+                "is 0.82). Train with rollout.top_p=1; eval.top_p may be lower.")
         if not self.stages:
             raise ValueError("stages is empty: list at least one stage, e.g. [{type: grpo, steps: 10}]")
         for i, st in enumerate(self.stages):

@@ -124,7 +124,16 @@ def plot_curves(run_dir: str, out: str | None = None) -> str | None:
             pts = [(x_of[(stage, r.get("step", 0))], r[key]) for r in srows
                    if isinstance(r.get(key), (int, float))]
             if pts:
-                ax.plot(*zip(*pts), color=colours[stage], label=stage, lw=1.2)
+                xs, ys = zip(*pts)
+                w = max(1, len(ys) // 15)  # a moving mean over the raw, noisy per-step values
+                if w > 1:
+                    ax.plot(xs, ys, color=colours[stage], lw=0.8, alpha=0.3)
+                    h = w // 2  # centred, so the mean does not lag the raw values
+                    smooth = [sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1])
+                              for i in range(len(ys))]
+                    ax.plot(xs, smooth, color=colours[stage], label=f"{stage} (mean of {w})", lw=1.5)
+                else:
+                    ax.plot(xs, ys, color=colours[stage], label=stage, lw=1.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("global step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -144,8 +153,9 @@ def plot_curves(run_dir: str, out: str | None = None) -> str | None:
         ax.legend(fontsize=7)
     for ax in flat[n:]:
         ax.axis("off")
-    if len(stages) > 1 and panels:
-        flat[0].legend(fontsize=7)
+    for ax in flat[:len(panels)]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)), fontsize=11)
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curves.png")

@@ -27,6 +27,9 @@ class LossConfig:
     """Cap of the truncated importance weight (``old_logprobs: learner`` only)."""
     norm_len: int = 0
     """Constant divisor of ``seq_mean_token_sum_norm``; 0 means the rollout's max_tokens."""
+    clip_ratio_c: float = 3.0
+    """Dual-clip bound for negative advantages (as verl): a token's loss is at most
+    ``-advantage * clip_ratio_c``; 0 turns it off."""
 
     def validate(self, where: str = "learner.loss") -> None:
         if not 0 <= self.clip_low < 1:
@@ -41,6 +44,8 @@ class LossConfig:
         if self.old_logprobs not in ("rollout", "learner"):
             raise ValueError(f"{where}.old_logprobs must be 'rollout' or 'learner', "
                              f"got {self.old_logprobs!r}")
+        if self.clip_ratio_c and self.clip_ratio_c <= 1:
+            raise ValueError(f"{where}.clip_ratio_c must be > 1 (or 0: off), got {self.clip_ratio_c}")
         if self.tis_cap < 1:
             raise ValueError(f"{where}.tis_cap must be >= 1, got {self.tis_cap}")
 

@@ -18,6 +18,9 @@ Where this departs from the paper, and why:
    importance sampling"), which corrects both the engine/learner numerical mismatch and staleness.
 5. The KL term is added to the loss (as in the paper), not folded into the reward.
 6. The per-token k3 value is capped at ``KL_CLAMP`` = 10 (as verl does).
+7. Dual-clip (Ye et al. 2020, as verl's ``clip_ratio_c``): for a negative advantage the token loss
+   is also capped at ``-advantage * clip_ratio_c``, so a stale sample whose ratio has grown large
+   cannot produce an unbounded push (``clip_ratio_c=0`` turns it off).
 
 Shapes: ``B`` sequences, ``T`` response tokens (right-padded); ``mask`` is 1.0 on real response
 tokens and 0.0 on padding. All functions are differentiable where it makes sense and never modify
@@ -32,30 +35,48 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6,
+    std_tol: float = 1e-6,
 ) -> torch.Tensor:
     """Group-relative advantages.
 
     Args:
         rewards: ``[B]`` scalar reward per completion, groups contiguous (``B = n_groups * G``).
         group_size: ``G``, completions per prompt.
-        scale_by_std: divide by the group's (unbiased=False) std; a group whose rewards are all
-            equal gets advantage 0 either way.
+        scale_by_std: divide by the group's (unbiased=False) std plus ``eps``.
+        std_tol: a group whose reward std is at most ``std_tol * max(1, max |reward|)`` is a group
+            of equal rewards: every one of its advantages is exactly 0, with or without std
+            scaling. Computed in float64: in float32, twelve rewards of 1.1 have a round-off std
+            of ~1e-7 and a mean off by one ulp, which ``/ (std + eps)`` turned into an advantage of
+            -0.1 on every sample of a solved group, pushing correct answers down.
 
     Returns:
-        ``[B]`` advantages.
+        ``[B]`` float32 advantages.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 4, scale_by_std=False).tolist()
     [0.5, -0.5, -0.5, 0.5]
+    >>> group_advantages(torch.full((12,), 1.1), 12).tolist() == [0.0] * 12
+    True
     """
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
                          f"got shape {tuple(rewards.shape)}")
-    r = rewards.float().view(-1, group_size)
-    adv = r - r.mean(dim=1, keepdim=True)
+    r = rewards.double().view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, unbiased=False, keepdim=True)
+    adv = r - mean
     if scale_by_std:
-        adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return adv.reshape(-1)
+        adv = adv / (std + eps)
+    scale = r.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    adv = torch.where(std <= std_tol * scale, torch.zeros_like(adv), adv)
+    return adv.reshape(-1).float()
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, std_tol: float = 1e-6) -> int:
+    """How many groups have equal rewards (advantage 0 for all their samples: no learning signal)."""
+    r = rewards.double().view(-1, group_size)
+    std = r.std(dim=1, unbiased=False)
+    return int((std <= std_tol * r.abs().amax(dim=1).clamp_min(1.0)).sum())
 
 
 def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | None = None
@@ -102,6 +123,7 @@ def grpo_loss(
     is_weights: torch.Tensor | None = None,
     aggregation: str = "seq_mean_token_mean",
     norm_len: int | None = None,
+    clip_ratio_c: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with optional k3 KL penalty.
 
@@ -112,6 +134,7 @@ def grpo_loss(
         mask: ``[B, T]`` 1.0 on response tokens.
         ref_logprobs: ``[B, T]`` frozen reference logprobs, needed when ``kl_coef > 0``.
         is_weights: ``[B, T]`` optional per-token importance weights (detached).
+        clip_ratio_c: dual-clip bound (> 1) for negative advantages; 0 is off (module doc, item 7).
 
     Returns:
         ``(loss, stats)``; stats has ``pg_loss``, ``kl``, ``clip_frac``, ``ratio_mean`` (masked means).
@@ -128,6 +151,9 @@ def grpo_loss(
     ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg_tok = -torch.minimum(ratio * advantages, clipped * advantages)
+    if clip_ratio_c:
+        dual = torch.minimum(pg_tok, -advantages * clip_ratio_c)
+        pg_tok = torch.where(advantages < 0, dual, pg_tok)
     if is_weights is not None:
         pg_tok = pg_tok * is_weights
     loss_tok = pg_tok

@@ -84,9 +84,10 @@ class TorchBackend:
         if self._world() == 1:
             return
         import torch.distributed as dist
-        for p in self.model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
+        for p in self.model.parameters():  # every rank reduces every tensor, even with no grad
+            if p.grad is None:             # (an empty shard): the collectives must line up
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
 
     def _step(self) -> float:
         self._reduce_grads()
@@ -103,9 +104,11 @@ class TorchBackend:
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
         model = model if model is not None else self.model
+        width = batch.input_ids.shape[1]
+        if len(batch) == 0:
+            return torch.zeros((0, width))
         out = [token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature).cpu()
                for mb in self._micro(batch)]
-        width = batch.input_ids.shape[1]
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
@@ -115,7 +118,9 @@ class TorchBackend:
         with torch.no_grad():  # taken once, before any update: the PPO "old" policy
             ref_all = self.logprobs(batch, self.ref) if self.ref is not None else None
             old_all = self.logprobs(batch) if lc.old_logprobs == "learner" else None
-        n_mini = min(self.cfg.mini_batches, len(batch))
+        # the same number of optimizer steps (and so of collectives) on every data-parallel rank,
+        # whatever its shard size: a short shard gets empty mini-batches, not fewer of them
+        n_mini = self.cfg.mini_batches
         bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         sums: dict[str, float] = {}
         norms = []
@@ -139,7 +144,8 @@ class TorchBackend:
                 mask = mb.response_mask
                 old_lp, ref_lp = old_lp[:, :width], (ref_lp[:, :width] if ref_lp is not None else None)
                 loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high,
-                                     ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None)
+                                     ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None,
+                                     lc.clip_ratio_c)
                 units = float(mask.sum()) if token_level else float(len(mb))
                 (loss * (units / total)).backward()
                 ntok = float(mask.sum())

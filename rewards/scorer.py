@@ -113,6 +113,47 @@ class Scorer:
         self._busy_s += time.monotonic() - t0
         return results
 
+    def equal_answers(self, pairs: list[tuple[str, str]]) -> list[bool]:
+        """Whether each pair of extracted answers is mathematically equivalent: the accuracy
+        verifier's own check (fast path for plain numbers, else math-verify in the killable
+        workers). A check that times out or crashes counts as not equal (and is counted)."""
+        from rewards.pool import Task
+        from rewards.verifiers import fast_math_check
+
+        out: list[bool | None] = [None] * len(pairs)
+        todo: dict[tuple[str, str], list[int]] = {}
+        for i, (a, b) in enumerate(pairs):
+            a, b = a.strip(), b.strip()
+            fast = (1.0, "ok") if a == b else fast_math_check(a, b)
+            if fast is not None:
+                out[i] = fast[0] == 1.0
+            else:
+                todo.setdefault((a, b), []).append(i)
+        if todo:
+            keys = list(todo)
+            outcomes = self.ctx.pool.run([Task("math", k, self.config.timeout_s) for k in keys])
+            self.ctx.count("vote_verifications", len(keys))
+            for key, o in zip(keys, outcomes):
+                if not o.ok:
+                    self.ctx.count_failure(o.reason)
+                for i in todo[key]:
+                    out[i] = bool(o.ok and o.value == 1.0)
+        return out  # type: ignore[return-value]
+
+    def vote(self, groups: list[tuple[list[str | None], list[float]]]) -> list[float]:
+        """cons@k of each ``(answers, correctness)`` group, clustering answers by equivalence
+        (rewards.vote). All the pairs any group needs are checked in one batch."""
+        from rewards.vote import majority_vote
+
+        pairs: list[tuple[str, str]] = []
+        for answers, _ in groups:
+            distinct = sorted({a.strip() for a in answers if a is not None and a.strip()})
+            pairs += [(x, y) for i, x in enumerate(distinct) for y in distinct[i + 1:]]
+        pairs = list(dict.fromkeys(pairs))
+        equal = dict(zip(pairs, self.equal_answers(pairs)))
+        return [majority_vote(answers, correct, lambda x, y: x == y or equal.get((x, y), False))
+                for answers, correct in groups]
+
     def stats(self) -> dict[str, float]:
         """Cumulative counters: samples, verifications, verifications_per_s (over time spent in
         score_batch), timeouts, errors and errors/<kind>, reasons/<reason>, worker starts/kills."""

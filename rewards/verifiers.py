@@ -10,7 +10,7 @@ from collections import OrderedDict
 from fractions import Fraction
 
 from rewards.config import RewardConfig
-from rewards.extract import extract_answer
+from rewards.extract import extract_answer, last_answer_block
 from rewards.format import format_score
 from rewards.pool import Task
 from rewards.registry import Verdict, register
@@ -52,7 +52,9 @@ class MathAccuracy:
     GRPO group often repeats the same final answer.
 
     Plain numbers are decided in the parent first (fast_math_check), which makes a batch of
-    integer answers nearly free.
+    integer answers nearly free. A response cut at max_tokens (``meta["finish_reason"] ==
+    "length"``) with no closed ``<answer>`` block scores 0 with reason ``truncated``, whatever its
+    unfinished reasoning boxed.
 
     Options (``config.options["accuracy"]``): ``max_answer_chars`` (default 2000; longer answers
     score 0 with reason ``answer_too_long`` without being parsed), ``cache_size`` (default 65536).
@@ -74,6 +76,12 @@ class MathAccuracy:
                 continue
             if not isinstance(x.response, str):
                 out[i] = Verdict(0.0, "bad_response_type")
+                continue
+            if (isinstance(x.meta, dict) and x.meta.get("finish_reason") == "length"
+                    and last_answer_block(x.response) is None):
+                # cut at max_tokens before any <answer> block closed: a \boxed{} in the
+                # unfinished reasoning is not a final answer
+                out[i] = Verdict(0.0, "truncated")
                 continue
             pred, why = extract_answer(x.response)
             if pred is None:

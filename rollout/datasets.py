@@ -87,7 +87,8 @@ def arithmetic(split: str, seed: int = 0, max_operand: int = 50, heldout_fractio
                ops: str = "+-") -> list[PromptRecord]:
     """Seeded synthetic arithmetic: ``a+b`` and ``a-b`` with ``0 <= a, b < max_operand``.
 
-    The train and held-out splits are disjoint by problem (a hash of the problem text decides), and
+    The train and held-out splits are disjoint by problem (a hash of the problem decides; ``a+b``
+    and ``b+a`` count as one problem and always land on the same side), and
     each split is shuffled with ``seed``. Every record carries a gold ``solution`` in the R1 format.
     """
     if split not in ("train", "test"):
@@ -97,7 +98,9 @@ def arithmetic(split: str, seed: int = 0, max_operand: int = 50, heldout_fractio
         for a in range(max_operand):
             for b in range(max_operand):
                 q = f"{a}{op}{b}"
-                if _is_heldout(q, heldout_fraction) != (split == "test"):
+                # a+b and b+a are one problem to the split (else the held-out set is half-seen)
+                key = f"{min(a, b)}+{max(a, b)}" if op == "+" else q
+                if _is_heldout(key, heldout_fraction) != (split == "test"):
                     continue
                 ans = a + b if op == "+" else a - b
                 recs.append(PromptRecord(
@@ -105,3 +108,37 @@ def arithmetic(split: str, seed: int = 0, max_operand: int = 50, heldout_fractio
                     solution=f" {a}{op}{b}={ans} </think> <answer> {ans} </answer>"))
     random.Random(seed).shuffle(recs)
     return recs
+
+
+def fit_prompts(records: list[PromptRecord], tokenizer, template: str, max_model_len: int,
+                max_tokens: int, where: str = "data") -> tuple[list[PromptRecord], dict[str, int]]:
+    """Keep the records whose rendered prompt leaves ``max_tokens`` of room in ``max_model_len``
+    (vLLM rejects longer requests, and a prompt that can never fit would fail every request).
+    Returns ``(kept, {"skipped_prompt_too_long": n})``; an error, before any actor starts, when
+    none fits."""
+    from rollout.templates import encode_prompt, render
+
+    limit = max_model_len - max_tokens
+    kept, longest = [], 0
+    for r in records:
+        n = len(encode_prompt(tokenizer, render(template, r.question)))
+        if n <= limit:
+            kept.append(r)
+        longest = max(longest, n)
+    skipped = len(records) - len(kept)
+    if records and not kept:
+        raise ValueError(f"{where}: every prompt is longer than rollout.max_model_len - "
+                         f"rollout.max_tokens = {max_model_len} - {max_tokens} = {limit} tokens "
+                         f"(longest {longest}); raise max_model_len or shorten the prompts")
+    if skipped:
+        log.warning("%s: %d of %d prompts skipped: longer than max_model_len - max_tokens = %d tokens "
+                    "(longest %d)", where, skipped, len(records), limit, longest)
+    return kept, ({"skipped_prompt_too_long": skipped} if skipped else {})
+
+
+def overlapping_questions(train: list[PromptRecord], test: list[PromptRecord]) -> list[str]:
+    """Questions of ``test`` that also appear in ``train`` (whitespace and case folded): a held-out
+    score on them measures memory, not reasoning."""
+    norm = lambda q: " ".join(q.split()).casefold()  # noqa: E731
+    seen = {norm(r.question) for r in train}
+    return [r.question for r in test if norm(r.question) in seen]

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from rollout.datasets import PromptRecord
-from rollout.templates import TEMPLATES, render
+from rollout.templates import TEMPLATES, encode_prompt, render
 from rollout.types import Sample
 from rollout.weights import GroupSpec, NativeReceiver, TensorMeta
 
@@ -60,7 +60,9 @@ class RolloutConfig:
     start_timeout_s: float = 600.0
     """An engine that has not started by then is a hard error."""
     generate_timeout_s: float = 900.0
-    """A generate call taking longer is a hard error naming the engine (never a silent hang)."""
+    """A rollout request (generation, then scoring) not done after this long has its engine
+    killed and removed from the pool, its samples counted in ``dropped_generate_timeout`` (a vLLM
+    engine core that died mid-generation leaves ``generate`` blocked forever)."""
 
     def validate(self, where: str = "rollout") -> None:
         if self.num_actors < 1:
@@ -76,6 +78,8 @@ class RolloutConfig:
             raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"{where}.max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.generate_timeout_s > 0:
+            raise ValueError(f"{where}.generate_timeout_s must be > 0, got {self.generate_timeout_s}")
         if self.template not in TEMPLATES:
             raise ValueError(f"{where}.template {self.template!r} unknown; known: {', '.join(sorted(TEMPLATES))}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -123,27 +127,29 @@ class VllmEngine:
         self.start_s = time.time() - t0
         log.info("engine %d started in %.1fs", engine_index, self.start_s)
 
-    def _sampling(self, n: int, temperature: float | None = None, max_tokens: int | None = None):
+    def _sampling(self, n: int, temperature: float | None = None, max_tokens: int | None = None,
+                  top_p: float | None = None):
         from vllm import SamplingParams
 
         return SamplingParams(
             n=n, temperature=self.cfg.temperature if temperature is None else temperature,
-            top_p=self.cfg.top_p, max_tokens=max_tokens or self.cfg.max_tokens, logprobs=0,
+            top_p=self.cfg.top_p if top_p is None else top_p, max_tokens=max_tokens or self.cfg.max_tokens, logprobs=0,
             stop=list(self.cfg.stop), include_stop_str_in_output=True,
         )
 
     def generate(self, records: list[PromptRecord], n: int | None = None,
-                 temperature: float | None = None) -> tuple[list[Sample], dict]:
+                 temperature: float | None = None, top_p: float | None = None
+                 ) -> tuple[list[Sample], dict]:
         """Sample ``n`` (default G) completions for each record. Returns ``(samples, stats)``;
         samples are grouped: the n samples of record i are contiguous."""
         from vllm.inputs import TokensPrompt
 
         n = n or self.cfg.group_size
         texts = [render(self.cfg.template, r.question) for r in records]
-        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        prompt_ids = [encode_prompt(self.tokenizer, t) for t in texts]
         t0 = time.time()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                                 self._sampling(n, temperature), use_tqdm=False)
+                                 self._sampling(n, temperature, top_p=top_p), use_tqdm=False)
         dt = time.time() - t0
         samples, ntok = [], 0
         for rec, text, pids, out in zip(records, texts, prompt_ids, outs):
@@ -204,7 +210,10 @@ class VllmEngine:
         return out
 
     def _after_update(self, version: int) -> None:
-        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        # cached KV was computed by the old weights: serving from it would mix two policies
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError(f"engine {self.engine_index}: vLLM could not reset its prefix cache "
+                               f"after loading weights version {version} (requests still running?)")
         self.weight_version = version
 
     def workers(self) -> int:

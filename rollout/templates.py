@@ -31,3 +31,24 @@ def render(template: str, question: str) -> str:
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[template].format(question=question)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt, with the BOS token where the tokenizer's model expects one
+    (``add_bos_token``, e.g. Llama) and not twice; templates are plain text, so no other special
+    token is added. The engine, the SFT stage and length checks all encode prompts this way."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+        ids = [bos] + list(ids)
+    return list(ids)
+
+
+def encode_target(tokenizer, text: str) -> list[int]:
+    """Token ids of an SFT target completion, ending with the tokenizer's EOS (when it has one),
+    so the model learns to stop after its answer."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids

@@ -78,6 +78,32 @@ def test_eval_and_tensorboard(run):
     _, run_dir, results = run
     ev = _rows(os.path.join(run_dir, "eval.jsonl"))
     assert [e["step"] for e in ev] == [0, STEPS]
-    assert all(0 <= e["accuracy"] <= 1 and 0 <= e["cons_at_k"] <= 1 for e in ev)
+    # the numbers in eval.jsonl are those of the eval samples on disk (one part file per eval)
+    folder = os.path.join(run_dir, "trajectories", "eval-1-grpo")
+    parts = sorted(os.listdir(folder))
+    assert len(parts) == len(ev)
+    from cluster.controller import eval_summary
+    from rewards import RewardConfig, build_scorer
+    from rollout.types import from_arrow
+    scorer = build_scorer(RewardConfig(weights={"accuracy": 1.0}))
+    try:
+        for e, part in zip(ev, parts):
+            samples = from_arrow(pq.read_table(os.path.join(folder, part)))
+            assert len(samples) == e["num_samples"] + e["aborted"] == e["num_prompts"] * e["k"]
+            again = eval_summary(samples, scorer.vote)
+            assert again["accuracy"] == pytest.approx(e["accuracy"])
+            assert again["cons_at_k"] == pytest.approx(e["cons_at_k"])
+    finally:
+        scorer.close()
     assert set(results["1-grpo"]) == {"start", "end"}
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
+
+
+def test_every_generated_sample_is_trained_on_or_counted(run):
+    _, run_dir, _ = run
+    with open(os.path.join(run_dir, "..", "e2e", "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    dropped = sum(v for k, v in last.items() if k.startswith("samples_dropped_"))
+    assert last["samples_generated"] >= last["samples_trained"] > 0
+    # whatever was generated and not trained is either dropped (counted) or still buffered
+    assert last["samples_generated"] - last["samples_trained"] - dropped >= 0

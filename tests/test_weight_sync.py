@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
     batch = collate([prompt] * 4, [response] * 4, None, None, tok.pad_token_id)
     for _ in range(3):  # move the learner away from the engine's weights
         learner.train_sft(batch)
-    yield engine, learner, prompt, response, batch
+    yield engine, learner, prompt, response, batch, path
     engine.shutdown()
 
 
@@ -58,7 +58,7 @@ def _learner_lp(learner, batch):
 
 
 def test_logprobs_match_after_gloo_sync(setup):
-    engine, learner, prompt, response, batch = setup
+    engine, learner, prompt, response, batch, _ = setup
     want = _learner_lp(learner, batch)
     before = torch.tensor(engine.logprobs_of(prompt, response))
     assert (before - want).abs().max().item() > 50 * TOL  # out of sync before
@@ -79,7 +79,7 @@ def test_logprobs_match_after_gloo_sync(setup):
 
 
 def test_logprobs_match_after_by_value_sync(setup):
-    engine, learner, prompt, response, batch = setup
+    engine, learner, prompt, response, batch, _ = setup
     learner.train_sft(batch)  # a new version the engine does not have
     want = _learner_lp(learner, batch)
     assert (torch.tensor(engine.logprobs_of(prompt, response)) - want).abs().max().item() > TOL
@@ -144,3 +144,29 @@ def test_reload_filter_keeps_warnings_for_layers_that_should_load():
     assert filt.filter(rec("Head")) is True  # an untied head that got nothing: stale, keep it
     assert filt.filter(logging.LogRecord("x", logging.WARNING, "f", 1, "other %s", ("Rotary",), None))
     assert filt.dropped == {"Rotary": 1} and filt.passed == ["Head"]
+
+
+def test_sampled_logprobs_match_the_learner_at_temperature_and_not_under_top_p(setup, tmp_path):
+    """The engine's logprobs of its own samples at temperature 0.7 equal the learner's tempered
+    softmax; with top_p 0.7 they are renormalised over the nucleus and do not (which is why
+    config validation refuses rollout.top_p < 1 for training)."""
+    engine, *_, path = setup
+    from rollout.datasets import arithmetic
+
+    cold = TorchBackend(path, LearnerConfig(micro_batch_size=64), temperature=0.7)
+    engine.load_weights([(n, t.clone()) for n, t in cold.named_hf_weights()], 99)
+    recs = arithmetic("test")[:4]
+
+    def gaps(top_p):
+        samples, _ = engine.generate(recs, n=4, temperature=0.7, top_p=top_p)
+        batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                        [s.response_logprobs for s in samples], None, cold.tokenizer.pad_token_id)
+        lp = cold.logprobs(batch)
+        m = batch.response_mask > 0
+        return lp[m] - batch.rollout_logprobs[m]
+
+    exact = gaps(1.0)
+    assert exact.abs().max().item() < TOL
+    nucleus = gaps(0.7)
+    # learner (full softmax) below engine (nucleus-renormalised): the TIS weight shrinks
+    assert torch.exp(nucleus).mean().item() < 0.97

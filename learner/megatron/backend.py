@@ -519,7 +519,8 @@ class MegatronBackend:
             loss, st = losses.grpo_loss(
                 lp, old_lp, mb["adv"], mask, clip_low=lc.clip_low, clip_high=lc.clip_high,
                 ref_logprobs=mb.get("ref"), kl_coef=lc.kl_coef, is_weights=isw,
-                aggregation=lc.aggregation, norm_len=lc.norm_len or None)
+                aggregation=lc.aggregation, norm_len=lc.norm_len or None,
+                clip_ratio_c=lc.clip_ratio_c)
             with torch.no_grad():
                 fm = mask.float()
                 k = fm.sum().clamp_min(1.0)

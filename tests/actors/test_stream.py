@@ -17,8 +17,8 @@ from rollout.types import Sample, to_arrow
 
 @ray.remote
 class FakeEngine:
-    def __init__(self, fail_after=None, die_after=None, delay=0.05):
-        self.version, self.calls = 0, 0
+    def __init__(self, fail_after=None, die_after=None, delay=0.05, abort_on=None):
+        self.version, self.calls, self.abort_on = 0, 0, abort_on
         self.fail_after, self.die_after, self.delay = fail_after, die_after, delay
 
     def generate(self, records, n=None, temperature=None):
@@ -31,7 +31,8 @@ class FakeEngine:
         g = 2
         samples = [Sample(prompt_id=r.id, group_index=j, prompt="", response="", prompt_ids=[1],
                           response_ids=[2], response_logprobs=[-1.0], weight_version=self.version,
-                          reward=float(j))
+                          reward=float(j),
+                          finish_reason="abort" if self.calls == self.abort_on and j == 0 else "stop")
                    for r in records for j in range(g)]
         return {"batch": to_arrow(samples), "stats": {"time_generate_s": self.delay, "gen_tokens": len(samples)}}
 
@@ -45,8 +46,14 @@ def passthrough(result):
 
 
 class FakeRewards:
+    def __init__(self):
+        self.restarts = 0
+
     def async_score(self, ref):
-        return passthrough.remote(ref)
+        return passthrough.remote(ref), 0
+
+    def restart(self, index, why):
+        self.restarts += 1
 
 
 class FakePool:
@@ -55,6 +62,10 @@ class FakePool:
 
     def live(self):
         return [(i, self.actors[i]) for i in sorted(self.alive)]
+
+    def kill(self, i, why):
+        ray.kill(self.actors[i])
+        self.mark_dead(i, why)
 
     def mark_dead(self, i, why):
         self.alive.discard(i)
@@ -133,3 +144,154 @@ def test_dead_engine_is_removed_and_counted():
     _, _, stream = run(1, steps=4, engines=engines)
     assert stream.dropped["dropped_actor_died"] > 0
     assert [i for i, _ in stream.rollouts.live()] == [1]
+
+
+@ray.remote
+class RewardStub:
+    """Scores by passing the result through; exits (a dead actor) on call number ``die_on``."""
+
+    def __init__(self, die_on=None):
+        self.calls, self.die_on = 0, die_on
+
+    def score(self, result):
+        self.calls += 1
+        if self.die_on is not None and self.calls == self.die_on:
+            ray.actor.exit_actor()
+        return result
+
+
+class RestartingRewards:
+    """Two real reward actors used round-robin; the first dies on its second batch."""
+
+    def __init__(self):
+        self.actors = [RewardStub.remote(die_on=2), RewardStub.remote()]
+        self.rr = itertools.cycle(range(2))
+        self.restarted = []
+
+    def async_score(self, ref):
+        i = next(self.rr)
+        return self.actors[i].score.remote(ref), i
+
+    def restart(self, index, why):
+        self.restarted.append(index)
+        self.actors[index] = RewardStub.remote()
+
+
+def test_dead_reward_actor_is_restarted_and_no_engine_is_blamed():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    pool = FakePool([FakeEngine.remote(), FakeEngine.remote()], cfg)
+    rewards = RestartingRewards()
+    stream = RolloutStream(pool, rewards, prompts(), 2, 1, timeout_s=30)
+    stream.on_weights_updated(0)
+    trained = 0
+    for v in range(6):
+        groups, _ = stream.take(v)
+        trained += sum(len(g) for g in groups)
+        ray.get([a.set_version.remote(v + 1) for _, a in pool.live()])
+        stream.on_weights_updated(v + 1)
+    assert rewards.restarted == [0]
+    assert [i for i, _ in pool.live()] == [0, 1]  # both engines still in the pool
+    assert stream.counts["reward_retries"] == 1
+    assert "dropped_actor_died" not in stream.dropped and "dropped_reward_failed" not in stream.dropped
+    assert trained == stream.counts["trained"] == 6 * 2 * 2
+    # the retried batch was scored once more, not counted twice
+    stream.close()
+    # every generated sample is trained on, dropped as stale or left at the end: all counted once
+    assert set(stream.dropped) <= {"dropped_stale", "dropped_end_of_stage"}
+    assert stream.counts["generated"] == stream.counts["trained"] + sum(stream.dropped.values())
+
+
+def test_requests_larger_than_a_step_waste_nothing_when_synchronous():
+    # prompts_per_request 4 > groups_per_step 2 at max_staleness 0 used to drop ~half as stale
+    cfg = RolloutConfig(group_size=2, prompts_per_request=4)
+    engines = [FakeEngine.remote(), FakeEngine.remote()]
+    pool = FakePool(engines, cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 0, timeout_s=30, total_takes=5)
+    stream.on_weights_updated(0)
+    for v in range(5):
+        groups, _ = stream.take(v)
+        assert {s.weight_version for g in groups for s in g} == {v}
+        ray.get([a.set_version.remote(v + 1) for a in engines])
+        stream.on_weights_updated(v + 1)
+    assert stream.dropped["dropped_stale"] == 0
+    assert stream.counts["generated"] == stream.counts["trained"] == 5 * 2 * 2
+    assert stream.close() == 0
+
+
+def test_freshest_groups_are_taken_first():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=1)
+    stream = RolloutStream(FakePool([], cfg), FakeRewards(), prompts(), 1, 2, timeout_s=30)
+    mk = lambda v: [Sample(prompt_id=f"v{v}", group_index=j, prompt="", response="", prompt_ids=[1],
+                           response_ids=[2], response_logprobs=[-1.0], weight_version=v) for j in range(2)]
+    stream.ready.extend([mk(1), mk(3), mk(2)])
+    groups, _ = stream.take(3)
+    assert groups[0][0].weight_version == 3
+    assert [g[0].weight_version for g in stream.ready] == [2, 1]
+
+
+def test_requests_that_always_fail_stop_the_job_with_the_error():
+    # e.g. every prompt too long for the engine: a bounded number of failures, then a clear stop
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    pool = FakePool([FakeEngine.remote(fail_after=0)], cfg)
+    pool.mark_dead = lambda i, why: (_ for _ in ()).throw(RuntimeError(f"every rollout engine is dead: {why}"))
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=30, max_consecutive_failures=5)
+    stream.on_weights_updated(0)
+    with pytest.raises(RuntimeError, match="(?s)last 5 requests in a row failed.*engine blew up"):
+        stream.take(0)
+    assert stream.dropped["dropped_request_error"] == 5 * 2 * 2
+
+
+def test_an_engine_that_keeps_failing_is_removed_while_the_others_go_on():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    pool = FakePool([FakeEngine.remote(fail_after=0, delay=0), FakeEngine.remote(delay=0.2)], cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=30, max_consecutive_failures=3)
+    stream.on_weights_updated(0)
+    for v in range(3):
+        stream.take(v)
+        ray.get([a.set_version.remote(v + 1) for _, a in pool.live()])
+        stream.on_weights_updated(v + 1)
+    assert [i for i, _ in pool.live()] == [1]
+    assert stream.dropped["dropped_request_error"] == 3 * 2 * 2
+
+
+def test_hung_engine_is_killed_after_generate_timeout_and_the_stream_goes_on():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2, generate_timeout_s=1.5)
+    hung = FakeEngine.options(max_concurrency=2).remote(delay=0.05)  # set_version still answers
+    engines = [hung, FakeEngine.remote()]
+    ray.get(hung.set_version.remote(0))
+    pool = FakePool(engines, cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=60)
+    # the first engine hangs on its next call (an engine core that died mid-generation)
+    ray.get(hung.__ray_call__.remote(lambda self: setattr(self, "delay", 3600)))
+    stream.on_weights_updated(0)
+    t0, v = time.monotonic(), 0
+    while len(pool.live()) > 1 and time.monotonic() - t0 < 30:
+        stream.take(v)
+        v += 1
+        ray.get([a.set_version.remote(v) for _, a in pool.live()])
+        stream.on_weights_updated(v)
+    assert time.monotonic() - t0 < 30  # bounded by generate_timeout_s, not by run.timeout_s
+    assert v > 1  # the healthy engine kept the steps going meanwhile
+    assert [i for i, _ in pool.live()] == [1]
+    assert stream.dropped["dropped_generate_timeout"] == 2 * 2
+
+
+def test_groups_with_an_aborted_sample_are_dropped_and_counted():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    pool = FakePool([FakeEngine.remote(abort_on=1)], cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 0, timeout_s=30)
+    stream.on_weights_updated(0)
+    groups, _ = stream.take(0)
+    assert stream.dropped["dropped_aborted"] == 2 * 2  # both groups of the first request
+    assert all(s.finish_reason == "stop" for g in groups for s in g)
+
+
+def test_an_eval_failure_names_the_engine_or_the_reward_pool():
+    from cluster.controller import blame
+
+    ok, bad = FakeEngine.remote(), FakeEngine.remote(fail_after=0)
+    recs = [PromptRecord(id="p", question="q", answer="1")]
+    gens = [(0, ok.generate.remote(recs)), (1, bad.generate.remote(recs))]
+    ray.wait([g for _, g in gens], num_returns=2, timeout=30)
+    assert blame(gens, RuntimeError("x")).startswith("rollout engine 1: ")
+    assert blame(gens[:1], RuntimeError("scorer broke")) == "reward pool: RuntimeError: scorer broke"

@@ -22,6 +22,16 @@ def test_dotted_overrides_reach_nested_and_list_fields():
 
 @pytest.mark.parametrize("override, message", [
     ("learner.lrr=1", "learner.lrr"),
+    ("rollout.top_p=0.95", "renormalised over the nucleus"),
+    ("rollout.max_tokens=1024", "leaves no room for the prompt"),
+    ("eval.top_p=0", "eval.top_p"),
+    ("run.if_exists=keep", "run.if_exists must be"),
+    ("algo.truncated=drop", "algo.truncated must be mask or keep"),
+    ("algo.failed_checks=skip", "algo.failed_checks"),
+    ("algo.zero_variance_groups=refill", "algo.zero_variance_groups"),
+    ("algo.overlong_buffer=24", "algo.overlong_buffer"),
+    ("learner.loss.clip_ratio_c=0.5", "clip_ratio_c must be > 1"),
+    ("rollout.generate_timeout_s=0", "generate_timeout_s"),
     ("rollout.group_size=1", "rollout.group_size must be >= 2"),
     ("learner.loss.aggregation=mean", "learner.loss.aggregation must be one of"),
     ("algo.max_staleness=-1", "algo.max_staleness"),
@@ -84,3 +94,30 @@ def test_example_configs_load(name, tmp_path):
     path = os.path.join(os.path.dirname(DEMO_CONFIG), "..", "..", "examples", name)
     cfg = load_config(path, [f"model.path={tmp_path}", "data.train=arithmetic", "data.test=arithmetic"])
     assert cfg.learner.gpus_per_actor > 0
+
+
+def test_top_p_below_one_is_allowed_when_no_stage_trains_with_it():
+    cfg = load_config(DEMO_CONFIG, ["eval.top_p=0.9", "stages=[{type: sft, steps: 1}]", "rollout.top_p=0.9"])
+    assert cfg.eval.top_p == 0.9
+
+
+def test_a_taken_run_directory_is_refused_replaced_or_renamed(tmp_path):
+    from cluster.controller import prepare_run_dir
+
+    first = prepare_run_dir(str(tmp_path), "r", "error")
+    open(f"{first}/metrics.jsonl", "w").write("{}\n")
+    with pytest.raises(ValueError, match="already holds a run"):
+        prepare_run_dir(str(tmp_path), "r", "error")
+    assert prepare_run_dir(str(tmp_path), "r", "new") == f"{first}-2"
+    assert prepare_run_dir(str(tmp_path), "r", "overwrite") == first
+    import os
+    assert not os.path.exists(f"{first}/metrics.jsonl")
+
+
+def test_sft_stages_load_no_reference_model(tmp_path):
+    from cluster.controller import Controller
+
+    cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", "learner.loss.kl_coef=0.01"])
+    ctl = Controller(cfg)
+    assert ctl._learner_cfg(cfg.stages[0]).loss.kl_coef == 0.0  # sft
+    assert ctl._learner_cfg(cfg.stages[1]).loss.kl_coef == 0.01  # grpo keeps its KL

@@ -49,3 +49,31 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         diff = max((dp[n] - p.detach()).abs().max().item() for n, p in single.model.named_parameters())
         assert moved > 1e-3          # the update did something
         assert diff < 1e-5, aggregation  # and both ways agree
+
+
+def _uneven_worker(rank, world, port, path, n, out):
+    import datetime
+
+    from learner.torch_backend import TorchBackend
+    # a collective that one rank never joins fails after 60 s instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    cfg = LearnerConfig(lr=1e-2, micro_batch_size=2, mini_batches=2,
+                        loss=LossConfig(old_logprobs="learner"))
+    b = TorchBackend(path, cfg, 1.0)
+    full = _batch().slice(0, n)
+    b.train_grpo(full.shard(rank, world))
+    if rank == 0:
+        torch.save({nm: p.detach().clone() for nm, p in b.model.named_parameters()}, out)
+    dist.destroy_process_group()
+
+
+def test_uneven_and_empty_shards_take_the_same_steps(tmp_path):
+    """3 samples on 2 ranks (shards of 2 and 1, with 2 mini-batches) and 1 sample (an empty
+    shard): every rank takes the same optimizer steps, so no collective waits forever."""
+    path = create_tiny_model(str(tmp_path / "m"), layers=1, hidden=64, heads=2, kv_heads=1,
+                             intermediate=128)
+    for n in (3, 1):
+        out = str(tmp_path / f"uneven-{n}.pt")
+        mp.spawn(_uneven_worker, args=(2, free_tcp_port(), path, n, out), nprocs=2)
+        assert torch.load(out)

@@ -122,3 +122,39 @@ def test_sft_loss_and_entropy():
     assert sft_loss(lp, torch.tensor([[1.0, 1.0, 0.0]])).item() == pytest.approx(2.0)
     uniform = torch.zeros(1, 2, 4)
     assert masked_entropy(uniform, torch.ones(1, 2)) == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("value", [0.1, 0.7, 1.1, 2.2, 0.3 + 1.1, -0.9])
+@pytest.mark.parametrize("scale", [True, False])
+def test_equal_inexact_rewards_give_exactly_zero_for_every_group_size(value, scale):
+    # 0.1, 0.7, 1.1 are not exact in binary; float32 round-off used to give solved groups
+    # (12 x 1.1) an advantage of -0.1065 on every sample
+    for g in range(2, 17):
+        for r in (torch.full((g,), value), torch.full((g,), value, dtype=torch.float64),
+                  torch.tensor([value] * g, dtype=torch.float32)):
+            adv = group_advantages(torch.cat([r, r]), g, scale)
+            assert adv.abs().max().item() == 0.0, (value, g, scale)
+
+
+def test_zero_variance_groups_are_counted_and_mixed_groups_keep_their_signal():
+    from learner.losses import zero_variance_groups
+
+    r = torch.tensor([1.1, 1.1, 1.1, 1.1, 0.1, 1.1, 0.1, 1.1, 0.0, 0.0, 0.0, 0.0])
+    assert zero_variance_groups(r, 4) == 2
+    adv = group_advantages(r, 4)
+    assert adv[:4].tolist() == [0.0] * 4 and adv[8:].tolist() == [0.0] * 4
+    assert adv[4:8].tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0], abs=1e-5)
+
+
+def test_dual_clip_caps_negative_advantage_loss_by_hand():
+    # ratio e^2 = 7.39 on a negative advantage of -1: the PPO term is max(7.39, 1.28) * 1 = 7.39;
+    # the dual clip caps it at clip_ratio_c * 1 = 3
+    lp, old = torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2)
+    m = torch.tensor([[1.0, 0.0]])
+    off, _ = grpo_loss(lp, old, torch.tensor([-1.0]), m, aggregation="token_mean")
+    on, _ = grpo_loss(lp, old, torch.tensor([-1.0]), m, aggregation="token_mean", clip_ratio_c=3.0)
+    assert off.item() == pytest.approx(math.exp(2.0))
+    assert on.item() == pytest.approx(3.0)
+    # positive advantages are untouched (clip-high already bounds them)
+    pos, _ = grpo_loss(lp, old, torch.tensor([1.0]), m, aggregation="token_mean", clip_ratio_c=3.0)
+    assert pos.item() == pytest.approx(-1.2)  # clip_high 0.2

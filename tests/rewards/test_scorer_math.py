@@ -142,3 +142,22 @@ def test_hostile_math_inputs_score_zero_within_timeout(math_scorer):
     assert {r.reason for r in rs[:-1]} <= {"timeout", "answer_too_long", "wrong", "unparsable", "unbalanced_braces",
                                           "no_answer", "multiple_boxed"}
     assert math_scorer.score_batch([RewardInput(R("\\frac{1}{2}"), answer="0.5")])[0].score == 1.1
+
+
+def test_truncated_response_earns_nothing_from_a_box_in_its_reasoning(math_scorer):
+    text = "<think> 12-7 = \\boxed{5} so the answer is"
+    cut = math_scorer.score_batch([RewardInput(text, answer="5", meta={"finish_reason": "length"})])[0]
+    assert cut.components["accuracy"] == 0.0 and cut.reasons["accuracy"] == "truncated"
+    # the same text that ended on its own is judged as before (boxed fallback)
+    done = math_scorer.score_batch([RewardInput(text, answer="5", meta={"finish_reason": "stop"})])[0]
+    assert done.components["accuracy"] == 1.0
+    # cut after a complete answer block: the answer stands
+    closed = "<think>x</think> <answer>5</answer> and then more"
+    ok = math_scorer.score_batch([RewardInput(closed, answer="5", meta={"finish_reason": "length"})])[0]
+    assert ok.components["accuracy"] == 1.0
+
+
+def test_vote_by_equivalence_with_the_real_checker(math_scorer):
+    assert math_scorer.vote([(["4", "4.0", "4.00", "5", "5"], [1, 1, 1, 0, 0])]) == [1.0]
+    assert math_scorer.vote([(["\\frac{1}{2}", "1/2", "0.5", "3", "3"], [1, 1, 1, 0, 0])]) == [1.0]
+    assert math_scorer.equal_answers([("\\frac{1}{2}", "0.5"), ("2", "3")]) == [True, False]

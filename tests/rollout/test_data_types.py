@@ -76,3 +76,51 @@ def test_tiny_tokenizer_is_char_level_and_round_trips(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert len(ids) == len(text) - sum(len(t) - 1 for t in ["<think>", "</think>", "<answer>", "</answer>"])
+
+
+def test_a_plus_b_and_b_plus_a_land_on_the_same_side():
+    train = {r.question for r in arithmetic("train", max_operand=20, heldout_fraction=0.2)}
+    test = {r.question for r in arithmetic("test", max_operand=20, heldout_fraction=0.2)}
+    for q in test:
+        a, op, b = q.removeprefix("What is ").removesuffix("?").split()
+        if op == "+":
+            assert f"What is {b} + {a}?" not in train
+
+
+def test_prompts_too_long_for_the_context_are_skipped_or_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rollout.datasets import PromptRecord, fit_prompts
+    from rollout.tiny import create_tiny_model
+    tok = AutoTokenizer.from_pretrained(create_tiny_model(str(tmp_path / "m"), layers=1))
+    recs = [PromptRecord("a", "1+1", "2"), PromptRecord("b", "9" * 300, "9")]
+    kept, skipped = fit_prompts(recs, tok, "r1_zero_compact", max_model_len=256, max_tokens=24)
+    assert [r.id for r in kept] == ["a"] and skipped == {"skipped_prompt_too_long": 1}
+    with pytest.raises(ValueError, match=r"every prompt is longer than .* = 256 - 24 = 232 tokens"):
+        fit_prompts(recs[1:], tok, "r1_zero_compact", max_model_len=256, max_tokens=24)
+
+
+def test_train_test_overlap_is_found():
+    from rollout.datasets import PromptRecord, overlapping_questions
+    train = [PromptRecord("a", "What is  2+2?", "4"), PromptRecord("b", "x", "1")]
+    test = [PromptRecord("c", "what is 2+2?", "4"), PromptRecord("d", "y", "1")]
+    assert overlapping_questions(train, test) == ["what is 2+2?"]
+
+
+def test_prompts_get_bos_where_expected_and_targets_end_with_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rollout.templates import encode_prompt, encode_target
+    from rollout.tiny import create_tiny_model
+    tok = AutoTokenizer.from_pretrained(create_tiny_model(str(tmp_path / "m"), layers=1))
+    plain = tok("12", add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tok, "12") == plain  # Qwen2-style: no BOS
+    assert encode_target(tok, "12") == plain + [tok.eos_token_id]
+    assert encode_target(tok, "12" + tok.eos_token) == plain + [tok.eos_token_id]  # not twice
+
+    class Llama:  # a tokenizer that asks for BOS (add_bos_token), as Llama's does
+        bos_token_id, eos_token_id, add_bos_token = 1, 2, True
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+    assert encode_prompt(Llama(), "ab") == [1, 97, 98]
