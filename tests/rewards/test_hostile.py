@@ -67,6 +67,7 @@ HOSTILE = {
     "personality_no_aslr": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.personality.argtypes = [ctypes.c_ulong]\nlibc.personality(0x0040000)\nprint(3 if libc.personality(0xffffffff) & 0x0040000 else 4)",
     "perf_event_open": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nattr = ctypes.create_string_buffer(128)\nctypes.memmove(attr, (ctypes.c_uint32 * 2)(1, 128), 8)\nprint(3 if libc.syscall(298, attr, 0, -1, -1, 0) >= 0 else 4)",
     "userfaultfd": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nprint(3 if libc.syscall(323, 0) >= 0 else 4)",
+    "setuid_binaries": "import os, stat, subprocess\nsuid = [os.path.join(r, f) for r, _, fs in os.walk('/usr') for f in fs\n        if os.path.isfile(os.path.join(r, f)) and os.stat(os.path.join(r, f)).st_mode & stat.S_ISUID]\nnnp = open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0]\nok = False\nif os.path.exists('/usr/bin/mount'):\n    ok = subprocess.run(['/usr/bin/mount', '-t', 'tmpfs', 'none', '/tmp'], capture_output=True).returncode == 0\nprint(3 if ok or (suid and nnp == '0') else 4)",
     "i386_syscall_abi": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nimport mmap\ncode = bytes([0xb8, 0x14, 0, 0, 0, 0xcd, 0x80, 0xc3])  # mov eax, 20 (getpid); int 0x80; ret\nm = mmap.mmap(-1, 4096, prot=7)\nm.write(code)\nf = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))\nprint(3 if f() > 0 else 4)",
 }
 
