@@ -42,8 +42,9 @@ What is not covered
 - Kernel exploits: the sandbox shares the host kernel (no VM). The seccomp filter closes the
   usual doors (above), but a kernel bug reachable through an allowed syscall can still break out.
 - The harness inside the sandbox (rewards.code's test runner) runs as the same uid as the
-  program under test; ptrace is blocked, but the program can still read the harness's memory
-  through its own process (same interpreter).
+  program under test; ptrace is blocked, but ``/proc/<pid>/mem`` of same-uid processes in the
+  sandbox (bwrap's init, the harness) is still writable (the kernel checks credentials there,
+  not seccomp), and the program can read the harness's memory in its own interpreter.
 - Memory is bounded by RLIMIT_AS per process, not by a cgroup: ``nproc`` processes can each use
   ``memory_mb`` (worst case nproc x memory_mb + tmpfs sizes). Keep nproc small.
 - CPU contention: a run can use its CPU quota on every core it forks onto until the wall clock
