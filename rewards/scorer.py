@@ -67,6 +67,7 @@ class Scorer:
         self.config = config
         self.verifiers = {name: get_factory(name)(config) for name in config.weights}
         self.ctx = ScoreContext(config)
+        self._vote_math = None  # equal_answers' checker when "accuracy" is not configured
         self._busy_s = 0.0
         self._created = time.monotonic()
 
@@ -115,30 +116,18 @@ class Scorer:
 
     def equal_answers(self, pairs: list[tuple[str, str]]) -> list[bool]:
         """Whether each pair of extracted answers is mathematically equivalent: the accuracy
-        verifier's own check (fast path for plain numbers, else math-verify in the killable
-        workers). A check that times out or crashes counts as not equal (and is counted)."""
-        from rewards.pool import Task
-        from rewards.verifiers import fast_math_check
+        verifier's own check (``MathAccuracy.check``: fast path, cache, math-verify in the
+        killable workers), counted under ``vote_*``. A check that times out or crashes counts as
+        not equal (and is counted as a failure)."""
+        from rewards.verifiers import MathAccuracy
 
-        out: list[bool | None] = [None] * len(pairs)
-        todo: dict[tuple[str, str], list[int]] = {}
-        for i, (a, b) in enumerate(pairs):
-            a, b = a.strip(), b.strip()
-            fast = (1.0, "ok") if a == b else fast_math_check(a, b)
-            if fast is not None:
-                out[i] = fast[0] == 1.0
-            else:
-                todo.setdefault((a, b), []).append(i)
-        if todo:
-            keys = list(todo)
-            outcomes = self.ctx.pool.run([Task("math", k, self.config.timeout_s) for k in keys])
-            self.ctx.count("vote_verifications", len(keys))
-            for key, o in zip(keys, outcomes):
-                if not o.ok:
-                    self.ctx.count_failure(o.reason)
-                for i in todo[key]:
-                    out[i] = bool(o.ok and o.value == 1.0)
-        return out  # type: ignore[return-value]
+        math = getattr(self.verifiers.get("accuracy"), "math", None)
+        if math is None:  # a scorer without the accuracy verifier still votes the same way
+            if self._vote_math is None:
+                self._vote_math = MathAccuracy(self.config)
+            math = self._vote_math
+        pairs = [(a.strip(), b.strip()) for a, b in pairs]
+        return [score == 1.0 for score, _ in math.check(pairs, self.ctx, prefix="vote_")]
 
     def vote(self, groups: list[tuple[list[str | None], list[float]]]) -> list[float]:
         """cons@k of each ``(answers, correctness)`` group, clustering answers by equivalence

@@ -67,6 +67,41 @@ class MathAccuracy:
         self.cache_size = int(opts.get("cache_size", 65536))
         self.cache: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
 
+    def check(self, pairs: list[tuple[str, str]], ctx, uses: list[int] | None = None,
+              prefix: str = "") -> list[tuple[float, str]]:
+        """``(score, reason)`` of each distinct ``(gold, pred)`` pair: the fast path, then the
+        cache, then one batch in the pool's killable workers; failures (timeouts, crashes) score 0
+        and are counted. ``uses[i]`` is how many samples pair i stands for (counters are per
+        sample); ``prefix`` keeps other callers' counts apart (the cons@k vote uses ``vote_``)."""
+        uses = uses or [1] * len(pairs)
+        out: list[tuple[float, str] | None] = [None] * len(pairs)
+        todo: list[int] = []
+        for i, key in enumerate(pairs):
+            fast = fast_math_check(*key)
+            if fast is not None:
+                ctx.count(f"{prefix}math_fast_path", uses[i])
+                ctx.count(f"{prefix}verifications", uses[i])
+                out[i] = fast
+            elif key in self.cache:
+                self.cache.move_to_end(key)
+                ctx.count(f"{prefix}math_cache_hits", uses[i])
+                out[i] = self.cache[key]
+            else:
+                todo.append(i)
+        if todo:
+            outcomes = ctx.pool.run([Task("math", pairs[i], self.timeout_s) for i in todo])
+            ctx.count(f"{prefix}verifications", len(todo))
+            for i, o in zip(todo, outcomes):
+                if o.ok:
+                    out[i] = (float(o.value), o.reason)
+                    self.cache[pairs[i]] = out[i]
+                    if len(self.cache) > self.cache_size:
+                        self.cache.popitem(last=False)
+                else:
+                    out[i] = (0.0, o.reason)
+                    ctx.count_failure(o.reason)
+        return out  # type: ignore[return-value]
+
     def __call__(self, inputs: list[RewardInput], ctx) -> list[Verdict]:
         out: list[Verdict | None] = [None] * len(inputs)
         todo: dict[tuple[str, str], list[int]] = {}
@@ -89,33 +124,11 @@ class MathAccuracy:
             elif len(pred) > self.max_answer_chars or len(x.answer) > self.max_answer_chars:
                 out[i] = Verdict(0.0, "answer_too_long")
             else:
-                key = (x.answer.strip(), pred)
-                fast = fast_math_check(*key)
-                if fast is not None:
-                    ctx.count("math_fast_path")
-                    ctx.count("verifications")
-                    out[i] = Verdict(*fast)
-                elif key in self.cache:
-                    self.cache.move_to_end(key)
-                    ctx.count("math_cache_hits")
-                    out[i] = Verdict(*self.cache[key])
-                else:
-                    todo.setdefault(key, []).append(i)
-        if todo:
-            keys = list(todo)
-            outcomes = ctx.pool.run([Task("math", k, self.timeout_s) for k in keys])
-            ctx.count("verifications", len(keys))
-            for key, o in zip(keys, outcomes):
-                if o.ok:
-                    v = Verdict(float(o.value), o.reason)
-                    self.cache[key] = (v.score, v.reason)
-                    if len(self.cache) > self.cache_size:
-                        self.cache.popitem(last=False)
-                else:
-                    v = Verdict(0.0, o.reason)
-                    ctx.count_failure(o.reason)
-                for i in todo[key]:
-                    out[i] = Verdict(v.score, v.reason)
+                todo.setdefault((x.answer.strip(), pred), []).append(i)
+        keys = list(todo)
+        for key, (score, reason) in zip(keys, self.check(keys, ctx, [len(todo[k]) for k in keys])):
+            for i in todo[key]:
+                out[i] = Verdict(score, reason)
         return out  # type: ignore[return-value]
 
 
