@@ -67,16 +67,19 @@ def group_advantages(
     adv = r - mean
     if scale_by_std:
         adv = adv / (std + eps)
-    scale = r.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
-    adv = torch.where(std <= std_tol * scale, torch.zeros_like(adv), adv)
+    adv = torch.where(_equal_rewards(r, std, std_tol), torch.zeros_like(adv), adv)
     return adv.reshape(-1).float()
+
+
+def _equal_rewards(r: torch.Tensor, std: torch.Tensor, std_tol: float) -> torch.Tensor:
+    """``[n_groups, 1]`` True where a group's rewards are equal up to round-off (``std_tol``)."""
+    return std <= std_tol * r.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int, std_tol: float = 1e-6) -> int:
     """How many groups have equal rewards (advantage 0 for all their samples: no learning signal)."""
     r = rewards.double().view(-1, group_size)
-    std = r.std(dim=1, unbiased=False)
-    return int((std <= std_tol * r.abs().amax(dim=1).clamp_min(1.0)).sum())
+    return int(_equal_rewards(r, r.std(dim=1, unbiased=False, keepdim=True), std_tol).sum())
 
 
 def aggregate(loss_tok: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | None = None

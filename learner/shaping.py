@@ -28,7 +28,7 @@ from collections import Counter
 
 import torch
 
-from learner.losses import group_advantages
+from learner.losses import group_advantages, zero_variance_groups
 from rollout.types import Sample
 
 _FAILED_KINDS = ("timeout", "crash", "worker_start_failed", "verifier_error")
@@ -87,12 +87,10 @@ def prepare_step(groups: list[list[Sample]], step: int, *, scale_by_std: bool = 
         for s in group:
             if id(s) not in known_ids:
                 s.meta["loss_masked"] = "failed_check"
-        zero_var = len(known) < 2
+        rewards = torch.tensor([s.reward for s in known], dtype=torch.float64)
+        zero_var = len(known) < 2 or zero_variance_groups(rewards, len(known)) == 1
         if not zero_var:
-            adv = group_advantages(torch.tensor([s.reward for s in known], dtype=torch.float64),
-                                   len(known), scale_by_std)
-            zero_var = bool((adv == 0).all())
-            for s, a in zip(known, adv.tolist()):
+            for s, a in zip(known, group_advantages(rewards, len(known), scale_by_std).tolist()):
                 s.advantage = a
         if zero_var:
             counts["zero_variance_groups"] += 1
