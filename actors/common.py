@@ -54,6 +54,18 @@ def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -
     return [results[i] for i in range(len(refs))]
 
 
+def ref_error(ref: ray.ObjectRef) -> BaseException | None:
+    """The error a finished ref holds, or None when it is not done yet or succeeded (no wait)."""
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return None
+    try:
+        ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - returned to the caller to classify
+        return e
+    return None
+
+
 def free_port() -> tuple[str, int]:
     """An address of this node and a free TCP port on it (for a rendezvous store)."""
     from rollout.weights import free_tcp_port

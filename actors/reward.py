@@ -61,7 +61,6 @@ class RewardPool:
         self.actors = [self._start(i) for i in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "reward actor start", start_timeout_s)
         self._rr = itertools.cycle(range(len(self.actors)))
-        self.restarts = 0
 
     def _start(self, index: int):
         return RewardActor.options(num_cpus=self.num_cpus).remote(self.cfg, index)
@@ -81,7 +80,6 @@ class RewardPool:
             pass
         self.actors[index] = self._start(index)
         get_all([self.actors[index].ready.remote()], f"reward actor {index} restart", self.timeout_s)
-        self.restarts += 1
 
     def vote(self, groups: list) -> list[float]:
         """cons@k of each ``(answers, correctness)`` group, on one reward actor (its killable

@@ -24,8 +24,8 @@ never answers) has its engine killed and removed (``dropped_generate_timeout``).
 An engine whose last ``max_consecutive_failures`` requests all failed is removed from the pool
 (when it was the last one, the job stops with its last error) instead of being refilled forever;
 ``4 x`` that many failures in a row across the whole pool stop the job too. A group with a
-sample the engine aborted is dropped (``dropped_aborted``). ``generated`` / ``trained`` count samples; what is left at the end of a stage is counted
-by :meth:`close` (``dropped_end_of_stage``).
+sample the engine aborted is dropped (``dropped_aborted``). ``generated`` / ``trained`` count
+samples; what is left at the end of a stage is counted by :meth:`close` (``dropped_end_of_stage``).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from typing import Iterator
 
 import ray
 
+from actors.common import ref_error
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool
 from rollout.datasets import PromptRecord
@@ -105,37 +106,25 @@ class RolloutStream:
             self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic())
 
     # ---- consumption -----------------------------------------------------------------------
-    def _engine_error(self, req: Request) -> BaseException | None:
-        """The generation's own error, or None when the engine produced its result."""
-        ready, _ = ray.wait([req.gen], timeout=0)
-        if not ready:
-            return None
-        try:
-            ray.get(req.gen)
-        except Exception as e:  # noqa: BLE001 - returned to the caller to classify
-            return e
-        return None
-
     def _failed(self, req: Request, error: BaseException) -> None:
         n = req.n_groups * self.cfg.group_size
-        engine_error = self._engine_error(req)
+        engine_error = ref_error(req.gen)  # None: the engine generated, scoring failed
         if engine_error is not None:
+            what = f"{type(engine_error).__name__}: {engine_error}"
             if isinstance(engine_error, ray.exceptions.RayActorError):
                 self.dropped["dropped_actor_died"] += n
                 log.error("rollout engine %d died (%d samples lost): %s", req.engine, n, engine_error)
-                self.rollouts.mark_dead(req.engine, f"{type(engine_error).__name__}: {engine_error}")
+                self.rollouts.mark_dead(req.engine, what)
             else:
                 self.dropped["dropped_request_error"] += n
                 log.error("rollout request on engine %d failed (%d samples dropped): %s",
                           req.engine, n, engine_error)
-            what = f"{type(engine_error).__name__}: {engine_error}"
-            self._count_failure(f"rollout engine {req.engine}: {what}")
-            if not isinstance(engine_error, ray.exceptions.RayActorError):
                 self._engine_failures[req.engine] += 1
                 k = self._engine_failures[req.engine]
                 if k >= self.max_consecutive_failures:
                     self.rollouts.mark_dead(req.engine, f"its last {k} requests in a row failed; "
                                                         f"last: {what[:2000]}")
+            self._count_failure(f"rollout engine {req.engine}: {what}")
             return
         # the engine generated; scoring failed
         if isinstance(error, ray.exceptions.RayActorError):

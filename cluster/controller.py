@@ -20,9 +20,8 @@ from dataclasses import replace
 from typing import Iterator
 
 import ray
-import torch
 
-from actors.common import get_all
+from actors.common import get_all, ref_error
 from actors.learner import LearnerGroup
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool
@@ -336,12 +335,9 @@ class Controller:
 def blame(gens: list[tuple[int, "ray.ObjectRef"]], error: BaseException) -> str:
     """Which engine's generation failed, if one did; else the error is the reward pool's."""
     for idx, gen in gens:
-        ready, _ = ray.wait([gen], timeout=0)
-        if ready:
-            try:
-                ray.get(gen)
-            except Exception as e:  # noqa: BLE001 - this engine is the cause
-                return f"rollout engine {idx}: {type(e).__name__}: {e}"
+        e = ref_error(gen)
+        if e is not None:
+            return f"rollout engine {idx}: {type(e).__name__}: {e}"
     return f"reward pool: {type(error).__name__}: {error}"
 
 

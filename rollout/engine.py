@@ -133,7 +133,8 @@ class VllmEngine:
 
         return SamplingParams(
             n=n, temperature=self.cfg.temperature if temperature is None else temperature,
-            top_p=self.cfg.top_p if top_p is None else top_p, max_tokens=max_tokens or self.cfg.max_tokens, logprobs=0,
+            top_p=self.cfg.top_p if top_p is None else top_p,
+            max_tokens=max_tokens or self.cfg.max_tokens, logprobs=0,
             stop=list(self.cfg.stop), include_stop_str_in_output=True,
         )
 

@@ -46,14 +46,11 @@ def passthrough(result):
 
 
 class FakeRewards:
-    def __init__(self):
-        self.restarts = 0
-
     def async_score(self, ref):
         return passthrough.remote(ref), 0
 
     def restart(self, index, why):
-        self.restarts += 1
+        pass
 
 
 class FakePool:
