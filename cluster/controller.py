@@ -107,6 +107,7 @@ class Controller:
         self.sample_counts: dict[str, dict] = {}  # per GRPO stage: generated / trained / dropped
         self.shaping_totals: Counter = Counter()  # masked samples by reason, skipped steps
         self.reward_counters: dict[int, dict] = {}
+        self._data: dict[tuple[str, str], list[PromptRecord]] = {}
 
     # ---- setup ------------------------------------------------------------------------------
     def model_path(self) -> str:
@@ -117,13 +118,20 @@ class Controller:
                                  **{"seed": self.cfg.run.seed, **self.cfg.model.tiny})
 
     def data(self, key: str, split: str) -> list[PromptRecord]:
+        """The records of ``data.<key>``, read once per job (the overlap check and every stage
+        share them; callers do not modify the list)."""
+        if (key, split) in self._data:
+            return self._data[key, split]
         src = getattr(self.cfg.data, key)
         if src == "arithmetic":
-            return arithmetic(split, seed=self.cfg.data.seed + self.cfg.run.seed, max_operand=self.cfg.data.max_operand,
-                              heldout_fraction=self.cfg.data.heldout_fraction)
-        records, skipped = load_prompts(src)
-        if skipped:
-            log.warning("data.%s: %s", key, skipped)
+            records = arithmetic(split, seed=self.cfg.data.seed + self.cfg.run.seed,
+                                 max_operand=self.cfg.data.max_operand,
+                                 heldout_fraction=self.cfg.data.heldout_fraction)
+        else:
+            records, skipped = load_prompts(src)
+            if skipped:
+                log.warning("data.%s: %s", key, skipped)
+        self._data[key, split] = records
         return records
 
     # ---- the job ----------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from collections import OrderedDict
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON-lines file; a line that does not parse (a job killed mid-write) is skipped
-    and counted in the returned rows' absence, never raised."""
+    """Rows of a JSON-lines file (none if it does not exist); a line that does not parse (the
+    last line of a job killed mid-write) is skipped, never raised."""
     rows = []
     if not os.path.exists(path):
         return rows
