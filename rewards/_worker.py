@@ -2,8 +2,8 @@
 
 Reads ``(kind, payload, timeout_s)`` frames, answers ``(ok, value, reason)`` frames. Handlers run on
 the main thread under a SIGALRM soft timeout; the parent SIGKILLs us if that does not fire.
-The worker is a child subreaper, so processes orphaned by sandbox runs (bwrap's inner init) are
-re-parented here and reaped after every task instead of piling up as zombies.
+The worker is a child subreaper, so processes orphaned by sandbox runs (a program whose bwrap
+was killed) are re-parented here and reaped after every task instead of piling up as zombies.
 """
 from __future__ import annotations
 

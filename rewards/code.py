@@ -7,11 +7,16 @@ Test items (``RewardInput.tests``), both styles may be mixed:
   (whitespace-insensitive; numbers with a decimal point within ``float_tol`` if that option is set).
 - ``{"assert": "assert f(1) == 2"}`` — a function checked by asserts (HumanEval, MBPP). All assert
   tests of a sample run in ONE sandbox process after the solution has been executed.
-  An ``assert EXPR == LITERAL`` (either side literal) is split in the caller: only ``EXPR`` enters
-  the sandbox, its value comes back encoded (exact built-in types only) and the caller compares it
-  with ``LITERAL`` — so expected values are never visible to the program under test and cannot be
-  forged. Any other test code runs as is inside the sandbox and reports pass/fail (its expected
-  values are visible to the program; documented gap).
+  Each assert is split in the caller (``split_assert``): only the sub-expressions that need the
+  solution (``add(1, 2)``, ``f(x).real``) enter the sandbox; their values come back encoded (exact
+  built-in types only) and the rest of the assert (``== 3``, ``abs(... - 1.5) < 1e-6``,
+  ``math.isclose``, ``sorted``, ``and``/``or``) is evaluated by the caller. The harness that
+  decides pass/fail is therefore outside the sandbox: expected values are never visible to the
+  program under test, and the program cannot forge a pass by patching builtins, defining a
+  universal ``__eq__`` or writing fake reports. Only an assert whose solution call depends on a
+  variable of the test (``all(f(x) == x for x in xs)``, a lambda) or that holds several
+  statements runs as is inside the sandbox; such checks are visible and forgeable, are counted
+  (``code/in_sandbox_checks``), and ``in_sandbox_checks: refuse`` fails them instead.
 - ``{"setup": "..."}`` — code run before the assert tests (imports, helpers); not a test.
 
 The exit code proves nothing: a stdin test passes only if stdout matches, an assert test only if
@@ -19,7 +24,8 @@ its result line (written on a private pipe) says so. Score: fraction of tests pa
 ``code_reward='all_or_nothing'`` (which stops at the first failing test).
 
 Options (``config.options["code"]``): ``test_timeout_s`` (per sandbox run, default
-``config.timeout_s``), ``memory_mb`` (256), ``max_tests`` (100), ``float_tol`` (None), ``nproc`` (16).
+``config.timeout_s``), ``memory_mb`` (256), ``max_tests`` (100), ``float_tol`` (None), ``nproc`` (16),
+``in_sandbox_checks`` (``allow`` | ``refuse``).
 """
 from __future__ import annotations
 
@@ -85,8 +91,15 @@ for _i, _t in enumerate(_tests):
             exec(compile(_t["code"], "setup.py", "exec"), _ns)
             continue
         if _t["mode"] == "value":
-            _v = eval(compile(_t["expr"], "test_%d.py" % _i, "eval"), _ns)
-            _report({"i": _t["i"], "ok": True, "value": _enc(_v)})
+            _vs = []
+            for _e in _t["exprs"]:
+                try:
+                    _vs.append({"v": _enc(eval(compile(_e, "test_%d.py" % _i, "eval"), _ns))})
+                except SystemExit:
+                    raise
+                except BaseException as e:
+                    _vs.append({"e": _type(e).__name__ + ": " + str(e)[:200]})
+            _report({"i": _t["i"], "ok": True, "values": _vs})
         else:
             exec(compile(_t["code"], "test_%d.py" % _i, "exec"), _ns)
             _report({"i": _t["i"], "ok": True})
@@ -112,33 +125,120 @@ def extract_code(response: str) -> str | None:
     return None
 
 
+SAFE_BUILTINS = frozenset("""abs all any ascii bin bool bytes chr complex dict divmod enumerate float
+frozenset hex int isinstance issubclass len list max min oct ord pow range repr reversed round set
+slice sorted str sum tuple type zip None True False""".split())
+"""Names a test may use in the part of its check that runs in the caller (with the real builtins)."""
+_HOST_MODULES = {"math": math}
+_SCOPES = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.NamedExpr)
+
+
+class _Unsplittable(Exception):
+    pass
+
+
+def _free_names(node: ast.AST) -> set[str]:
+    loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    bound = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    bound |= {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
+              for a in n.posonlyargs + n.args + n.kwonlyargs + [x for x in (n.vararg, n.kwarg) if x]}
+    return loads - bound - SAFE_BUILTINS - set(_HOST_MODULES)
+
+
+def _host_callee(func: ast.AST) -> bool:
+    """A callee whose call the caller evaluates itself: a safe builtin or ``math.<name>``."""
+    if isinstance(func, ast.Name):
+        return func.id in SAFE_BUILTINS
+    return (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+            and func.value.id in _HOST_MODULES and not func.attr.startswith("_"))
+
+
+class _Lift(ast.NodeTransformer):
+    """Replace each smallest sub-expression that needs the solution with ``_aha_v(k)``.
+
+    Operators, comparisons, literals, safe builtins and ``math`` stay in the caller's check;
+    what is lifted runs in the sandbox and comes back as a plain value."""
+
+    def __init__(self):
+        self.exprs: list[str] = []
+
+    def visit(self, node):
+        if not isinstance(node, ast.expr) or not _free_names(node):
+            return node
+        if isinstance(node, _SCOPES):
+            raise _Unsplittable()  # the solution's value would depend on a caller-side variable
+        if isinstance(node, (ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.IfExp, ast.Tuple,
+                             ast.List, ast.Set, ast.Dict, ast.Starred, ast.keyword, ast.JoinedStr,
+                             ast.FormattedValue)) or (isinstance(node, ast.Call) and _host_callee(node.func)):
+            return self.generic_visit(node)
+        self.exprs.append(ast.unparse(node))
+        call = ast.Call(ast.Name("_aha_v", ast.Load()), [ast.Constant(len(self.exprs) - 1)], [])
+        return ast.copy_location(call, node)
+
+    def generic_visit(self, node):
+        for field, old in ast.iter_fields(node):
+            if isinstance(old, list):
+                old[:] = [self.visit(x) if isinstance(x, ast.expr) else self._kw(x) for x in old]
+            elif isinstance(old, ast.expr):
+                setattr(node, field, self.visit(old))
+        return node
+
+    def _kw(self, x):
+        if isinstance(x, ast.keyword):
+            x.value = self.visit(x.value)
+        return x
+
+
 def split_assert(code: str):
-    """('value', expr, expected) for ``assert EXPR == LITERAL``; ('exec', code, None) otherwise.
+    """``('value', exprs, check)`` if the assert can be checked outside the sandbox, else
+    ``('exec', code, None)``.
+
+    ``exprs`` are the sub-expressions that need the solution (they run in the sandbox and come
+    back as plain values); ``check`` is the rest of the assert, an expression over ``_aha_v(k)``
+    that the caller evaluates, so expected values, tolerances and the comparison itself never
+    enter the sandbox. An assert needs the sandbox for its whole check only when the solution's
+    value depends on a variable of the test (a comprehension or lambda over a solution call).
 
     >>> split_assert("assert add(1, 2) == 3")
-    ('value', 'add(1, 2)', 3)
-    >>> split_assert("assert abs(f(2) - 1.5) < 1e-6")[0]
+    ('value', ['add(1, 2)'], '_aha_v(0) == 3')
+    >>> split_assert("assert abs(f(2) - 1.5) < 1e-6")
+    ('value', ['f(2)'], 'abs(_aha_v(0) - 1.5) < 1e-06')
+    >>> split_assert("assert all(f(x) == x for x in range(3))")[0]
     'exec'
     """
     try:
         tree = ast.parse(code)
     except SyntaxError:
         return "exec", code, None
-    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) and tree.body[0].msg is None:
-        test = tree.body[0].test
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
-            left, right = test.left, test.comparators[0]
-            for expr, lit in ((left, right), (right, left)):
-                try:
-                    value = ast.literal_eval(lit)
-                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                    continue
-                try:
-                    ast.literal_eval(expr)
-                    continue  # both sides literal: nothing to hide, run as is
-                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                    return "value", ast.unparse(expr), value
-    return "exec", code, None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return "exec", code, None
+    test = tree.body[0].test
+    lift = _Lift()
+    try:
+        check = lift.visit(test)
+    except _Unsplittable:
+        return "exec", code, None
+    return "value", lift.exprs, ast.unparse(check)
+
+
+def host_check(check: str, values: list) -> bool:
+    """Evaluate a split assert's check in the caller. ``values[k]`` is the decoded value of the
+    k-th lifted expression, or an exception it raised in the sandbox (raised here only if the
+    check uses it, so ``x is None or x[0] == 1`` short-circuits as it would in Python)."""
+    import builtins
+
+    def v(k: int):
+        x = values[k]
+        if isinstance(x, BaseException):
+            raise x
+        return x
+    safe = {name: getattr(builtins, name) for name in SAFE_BUILTINS if hasattr(builtins, name)}
+    env = {"__builtins__": safe, **_HOST_MODULES, "_aha_v": v}
+    return bool(eval(compile(check, "<check>", "eval"), env))  # noqa: S307 - the dataset's test text
+
+
+class SandboxError(Exception):
+    """An exception the program under test raised inside the sandbox (type name and message)."""
 
 
 def decode_value(obj):
@@ -211,17 +311,22 @@ def run_code_task(payload: dict) -> dict:
         if stop and statuses[i] != "passed":
             break
     # assert tests: one run for all of them
-    plan, expected = [], {}
+    plan, checks, in_sandbox_checks = [], {}, 0
+    in_sandbox = payload.get("in_sandbox_checks", "allow")
     for i, t in enumerate(tests):
         if "setup" in t:
             plan.append({"mode": "setup", "code": str(t["setup"])})
         elif "assert" in t:
-            mode, text, value = split_assert(str(t["assert"]))
+            mode, text, check = split_assert(str(t["assert"]))
             if mode == "value":
-                plan.append({"mode": "value", "i": i, "expr": text})
-                expected[i] = value
+                plan.append({"mode": "value", "i": i, "exprs": text})
+                checks[i] = (check, len(text))
+            elif in_sandbox == "refuse":
+                statuses[i] = "refused_in_sandbox_check"
+                details[i] = "this assert can only be checked inside the sandbox (code.in_sandbox_checks: refuse)"
             else:
                 plan.append({"mode": "exec", "i": i, "code": text})
+                in_sandbox_checks += 1
     n_assert = sum(1 for p in plan if p["mode"] != "setup")
     if n_assert and not (stop and any(s not in (None, "passed") for s in statuses)):
         r = execute(HARNESS, timeout_s=2 * timeout_s,
@@ -249,13 +354,8 @@ def run_code_task(payload: dict) -> dict:
             if not msg.get("ok"):
                 statuses[i] = "runtime_error" if not str(msg.get("error", "")).startswith("AssertionError") else "wrong_answer"
                 details[i] = str(msg.get("error", ""))[:200]
-            elif i in expected:
-                try:
-                    got = decode_value(msg.get("value"))
-                    statuses[i] = "passed" if got == expected[i] else "wrong_answer"
-                except Exception:  # noqa: BLE001
-                    statuses[i] = "wrong_answer"
-                    details[i] = "undecodable result"
+            elif i in checks:
+                statuses[i], details[i] = _judge(checks[i], msg.get("values"))
             else:
                 statuses[i] = "passed"
         for p in plan:  # tests that never reported: the run ended early (timeout, crash, exit)
@@ -265,8 +365,25 @@ def run_code_task(payload: dict) -> dict:
     total = sum(1 for t in tests if "stdin" in t or "expected" in t or "assert" in t)
     passed = sum(1 for s in statuses if s == "passed")
     first = next(((s, d) for s, d in zip(statuses, details) if s not in (None, "passed")), None)
-    return {"passed": passed, "total": total, "statuses": statuses,
+    return {"passed": passed, "total": total, "statuses": statuses, "in_sandbox_checks": in_sandbox_checks,
             "first_failure": f"{first[0]}: {first[1]}".rstrip(": ") if first else ""}
+
+
+def _judge(check: tuple[str, int], reported) -> tuple[str, str]:
+    """(status, detail) of a split assert from the values the sandbox reported for it."""
+    check, n = check
+    try:
+        if len(reported) != n:
+            return "wrong_answer", f"{len(reported)} values reported for {n} expressions"
+        values = [decode_value(x["v"]) if "v" in x else SandboxError(str(x["e"])[:200]) for x in reported]
+    except Exception:  # noqa: BLE001 - whatever came back that is not an encoded value
+        return "wrong_answer", "undecodable result"
+    try:
+        return ("passed", "") if host_check(check, values) else ("wrong_answer", "AssertionError")
+    except SandboxError as e:
+        return "runtime_error", str(e)
+    except Exception as e:  # noqa: BLE001 - the check failed on the values (e.g. a TypeError)
+        return "wrong_answer", f"{type(e).__name__}: {str(e)[:200]}"
 
 
 class CodeAccuracy:
@@ -282,6 +399,7 @@ class CodeAccuracy:
         self.max_tests = int(opts.get("max_tests", 100))
         self.float_tol = opts.get("float_tol")
         self.nproc = int(opts.get("nproc", 16))
+        self.in_sandbox_checks = opts.get("in_sandbox_checks", "allow")  # checked by RewardConfig.validate
 
     def payload(self, x: RewardInput) -> dict | Verdict:
         if not isinstance(x.response, str):
@@ -300,7 +418,7 @@ class CodeAccuracy:
         prefix = x.meta.get("code_prefix", "") if isinstance(x.meta, dict) else ""
         return {"code": prefix + code, "tests": tests, "timeout_s": self.test_timeout_s,
                 "memory_mb": self.memory_mb, "nproc": self.nproc, "float_tol": self.float_tol,
-                "stop_on_fail": self.all_or_nothing}
+                "stop_on_fail": self.all_or_nothing, "in_sandbox_checks": self.in_sandbox_checks}
 
     def task_timeout(self, payload: dict) -> float:
         n = len(payload["tests"])
@@ -331,6 +449,7 @@ class CodeAccuracy:
             for i, o in zip(idx, outcomes):
                 if o.ok:
                     out[i] = self.verdict(o.value)
+                    ctx.count("code/in_sandbox_checks", o.value.get("in_sandbox_checks", 0))
                     for s in o.value["statuses"]:
                         if s is not None:
                             ctx.count(f"code/{s}")

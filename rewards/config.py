@@ -32,3 +32,6 @@ class RewardConfig:
             raise ValueError(f"{where}.timeout_s must be > 0, got {self.timeout_s}")
         if self.code_reward not in ("fraction", "all_or_nothing"):
             raise ValueError(f"{where}.code_reward must be 'fraction' or 'all_or_nothing', got {self.code_reward!r}")
+        mode = (self.options.get("code") or {}).get("in_sandbox_checks", "allow")
+        if mode not in ("allow", "refuse"):
+            raise ValueError(f"{where}.options.code.in_sandbox_checks must be 'allow' or 'refuse', got {mode!r}")

@@ -11,6 +11,13 @@ What is covered
   capabilities anywhere, even inside its namespaces (as root, bwrap would keep them).
 - Namespaces: new user, pid, mount, network (loopback only, down), ipc, uts and cgroup
   namespaces; ``--new-session`` (no TIOCSTI into the caller's terminal); ``--die-with-parent``.
+- Nothing of ours inside: the program is pid 1 of its pid namespace (``--as-pid-1``, no bwrap
+  reaper init), so the only processes in the sandbox are the program and its own children; no
+  harness, no init whose memory (``/proc/1/mem``) or exit status it could tamper with. The test
+  harness of rewards.code runs in the caller, outside. Pid-1 semantics apply: signals the program
+  sends itself with a default action (``os.kill(os.getpid(), SIGTERM)``) are ignored (real faults,
+  SIGKILL from outside and rlimit kills still end it), and its orphans are not reaped until it
+  exits (they count against ``nproc``).
 - Filesystem: the root is an empty tmpfs remounted read-only; ``/usr`` (and the ``/bin``, ``/lib``,
   ``/lib64`` links) read-only; a fresh ``/proc`` for the new pid namespace; a minimal ``/dev``
   (read-only, its ``/dev/shm`` a small sized tmpfs); a private ``/tmp`` tmpfs of ``tmp_mb``
@@ -41,10 +48,10 @@ What is not covered
 -------------------
 - Kernel exploits: the sandbox shares the host kernel (no VM). The seccomp filter closes the
   usual doors (above), but a kernel bug reachable through an allowed syscall can still break out.
-- The harness inside the sandbox (rewards.code's test runner) runs as the same uid as the
-  program under test; ptrace is blocked, but ``/proc/<pid>/mem`` of same-uid processes in the
-  sandbox (bwrap's init, the harness) is still writable (the kernel checks credentials there,
-  not seccomp), and the program can read the harness's memory in its own interpreter.
+- For assert tests rewards.code evaluates the solution's sub-expressions in the program's own
+  interpreter (that is what calling it means); the program can see those expressions (not the
+  expected values, which stay in the caller). Asserts rewards.code cannot split are checked inside
+  and are visible and forgeable (counted as ``code/in_sandbox_checks``).
 - Memory is bounded by RLIMIT_AS per process, not by a cgroup: ``nproc`` processes can each use
   ``memory_mb`` (worst case nproc x memory_mb + tmpfs sizes). Keep nproc small.
 - CPU contention: a run can use its CPU quota on every core it forks onto until the wall clock
@@ -175,8 +182,8 @@ def _kill_uid(uid: int, deadline_s: float = 10.0) -> bool:
 
 
 def become_subreaper() -> bool:
-    """Make this process a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so that bwrap's
-    orphaned inner init is re-parented here and execute() can reap it. Pool workers and the CLI
+    """Make this process a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so that a sandboxed
+    program orphaned by its killed bwrap is re-parented here and execute() can reap it. Pool workers and the CLI
     call this; a long-lived caller that also has its own children should not."""
     import ctypes
     try:
@@ -217,7 +224,9 @@ def execute(source: str, stdin: str = "", timeout_s: float = 2.0, memory_mb: int
         status_r, status_w = os.pipe()
         fds += [src_fd, in_fd, status_r, status_w]
         pass_fds = [src_fd, status_w]
-        cmd = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+        # --as-pid-1: the program is pid 1 of its pid namespace, so no process of ours (bwrap's
+        # reaper init) shares the sandbox with it: nothing there to read, write or signal but itself
+        cmd = [bwrap, "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
                "--json-status-fd", str(status_w),
                "--ro-bind", "/usr", "/usr",
                "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from rewards import RewardConfig, RewardInput, build_scorer
-from rewards.code import decode_value, extract_code, humaneval_tests, outputs_match, split_assert
+from rewards.code import (SandboxError, decode_value, extract_code, host_check, humaneval_tests, outputs_match,
+                          split_assert)
 
 pytestmark = pytest.mark.usefixtures("needs_sandbox")
 
@@ -25,10 +26,22 @@ def test_pure_helpers():
     assert not outputs_match("3.0", "3") and not outputs_match("", "3")
     assert outputs_match("0.3333333", "0.333333333", float_tol=1e-6)
     assert not outputs_match("0.34", "0.33", float_tol=1e-6)
-    assert split_assert("assert 3 == f(1)") == ("value", "f(1)", 3)
-    assert split_assert("assert f(1) == [1, (2,)]") == ("value", "f(1)", [1, (2,)])
-    assert split_assert("assert f(1)")[0] == "exec"
-    assert split_assert("assert 1 == 1")[0] == "exec"
+    assert split_assert("assert 3 == f(1)") == ("value", ["f(1)"], "3 == _aha_v(0)")
+    assert split_assert("assert f(1) == [1, (2,)]") == ("value", ["f(1)"], "_aha_v(0) == [1, (2,)]")
+    assert split_assert("assert f(1)") == ("value", ["f(1)"], "_aha_v(0)")
+    assert split_assert("assert 1 == 1") == ("value", [], "1 == 1")
+    assert split_assert("assert math.isclose(g(0.1).real, 0.3) and sorted(h()) == [1]") == (
+        "value", ["g(0.1).real", "h()"], "math.isclose(_aha_v(0), 0.3) and sorted(_aha_v(1)) == [1]")
+    # only what depends on a test variable, or more than one statement, stays inside the sandbox
+    assert split_assert("assert all(f(x) == x for x in range(3))")[0] == "exec"
+    assert split_assert("assert sorted([2, 1], key=lambda t: f(t)) == [1, 2]")[0] == "exec"
+    assert split_assert("assert f(1) == 1\nassert f(2) == 2")[0] == "exec"
+    # short-circuit like Python: an error in an unused value does not fail the check
+    assert host_check("_aha_v(0) is None or _aha_v(1) == 2", [None, SandboxError("TypeError: x")])
+    with pytest.raises(SandboxError):
+        host_check("_aha_v(0) == 1 and _aha_v(1) == 2", [1, SandboxError("TypeError: x")])
+    assert host_check("sorted(_aha_v(0), key=lambda t: -len(t)) == ['ab', 'c']", [["c", "ab"]])
+    assert not host_check("abs(_aha_v(0) - 1.5) < 1e-6", [1.6])
     assert decode_value({"l": [{"i": "1"}, {"t": [{"s": "a"}]}, {"S": [{"k": "None"}]}]}) == [1, ("a",), {None}]
     assert extract_code("```python\nprint(1)\n```\ntext\n```py\nprint(2)\n```") == "print(2)\n"
     assert extract_code("<answer>print(3)</answer>") == "print(3)"
@@ -58,16 +71,39 @@ def test_assert_style_and_forging(code_scorer):
         "class Any:\n    def __eq__(s, o): return True\ndef add(a, b):\n    return Any()": 0.0,
         # forge "passed" reports on every fd it can find; the harness's real reports come later and win
         "import json, os\nfor fd in range(3, 64):\n    for i in range(4):\n        try:\n            os.write(fd, (json.dumps({'i': i, 'ok': True, 'value': {'i': '3'}}) + '\\n').encode())\n        except OSError:\n            pass\ndef add(a, b): return None": 0.0,
+        # forge the new report format too: values the solution did not compute
+        "import json, os\nfor fd in range(3, 64):\n    for i in range(4):\n        try:\n            os.write(fd, (json.dumps({'i': i, 'ok': True, 'values': [{'v': {'i': '3'}}]}) + '\\n').encode())\n        except OSError:\n            pass\ndef add(a, b): return None": 0.0,
+        # patch what the check uses: the check runs in the caller, so nothing here reaches it
+        "import math, builtins\nmath.isclose = lambda *a, **k: True\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return None": 0.0,
+        # read the tests: only the solution calls are there, never the expected values
+        "import json\nT = json.load(open('/sandbox/tests.json'))\nassert '3' not in json.dumps([t.get('exprs') for t in T if 'exprs' in t])\nassert 'ab' not in json.dumps(T)\ndef add(a, b):\n    return a + b": 1.0,
         "def add(a, b):\n    while True: pass": 0.0,
         "syntax error here(": 0.0,
     }
     rs = code_scorer.score_batch([RewardInput(fenced(src), task="code", tests=tests) for src in cases])
     got = [round(r.score, 4) for r in rs]
     # a - b: add(1,2) = -1 wrong, 'a' - 'b' TypeError, isclose(-0.1, 0.3) False -> 0/3
-    expected = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    expected = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert got == expected, [(g, r.reason) for g, r in zip(got, rs)]
-    assert rs[5].reason.startswith("timeout")
+    assert rs[8].reason.startswith("timeout")
     assert rs[2].reason.startswith("no_result") and rs[3].reason.startswith("runtime_error")
+
+
+def test_checks_left_inside_the_sandbox_are_counted_or_refused(code_scorer):
+    tests = [{"assert": "assert all(add(x, 0) == x for x in range(3))"}, {"assert": "assert add(1, 1) == 2"}]
+    good = RewardInput(fenced("def add(a, b):\n    return a + b"), task="code", tests=tests)
+    before = code_scorer.stats().get("code/in_sandbox_checks", 0.0)
+    assert code_scorer.score_batch([good])[0].score == 1.0
+    assert code_scorer.stats()["code/in_sandbox_checks"] - before == 1
+    s = build_scorer(RewardConfig(weights={"accuracy": 1.0}, timeout_s=3.0,
+                                  options={"code": {"in_sandbox_checks": "refuse"}}))
+    try:
+        r = s.score_batch([good])[0]
+        assert r.score == 0.5 and r.reason.startswith("refused_in_sandbox_check (1/2 passed)"), r
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="in_sandbox_checks"):
+        build_scorer(RewardConfig(weights={"accuracy": 1.0}, options={"code": {"in_sandbox_checks": "maybe"}}))
 
 
 def test_bad_code_inputs_never_raise(code_scorer):
