@@ -94,6 +94,9 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     from rewards.mathcheck import warm_up
     warm_up()
+    if "--drop-to" in sys.argv:  # isolated worker started as root (rewards.sandbox.worker_command)
+        from rewards.sandbox import drop_privileges
+        drop_privileges(int(sys.argv[sys.argv.index("--drop-to") + 1]))
     _write(fd_out, "ready")
     while True:
         hdr = _read_exact(fd_in, 4)

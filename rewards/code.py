@@ -444,7 +444,7 @@ class CodeAccuracy:
                 idx.append(i)
                 tasks.append(Task("code", p, self.task_timeout(p)))
         if tasks:
-            outcomes = ctx.pool.run(tasks)
+            outcomes = ctx.code_pool.run(tasks)
             ctx.count("verifications", len(tasks))
             for i, o in zip(idx, outcomes):
                 if o.ok:

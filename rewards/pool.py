@@ -18,7 +18,12 @@ moves off fds 0/1 so nothing a library prints can corrupt the channel). Only the
 tasks go through it; nothing from model output is unpickled in the parent except plain results
 produced by our worker code.
 
-Plain Python, no Ray: the Ray reward actor wraps a Scorer, which owns one pool.
+``WorkerPool(size, isolated=True)`` starts each worker through ``rewards.sandbox.worker_command``
+(bubblewrap, the seccomp filter, a read-only view of the interpreter, a fresh uid when root); the
+Scorer uses that for math checks. A worker is killed with its process group and, isolated, by
+its uid; one whose process died while idle is replaced before it gets a task.
+
+Plain Python, no Ray: the Ray reward actor wraps a Scorer, which owns the pools.
 """
 from __future__ import annotations
 
@@ -63,16 +68,40 @@ def encode(obj: Any) -> bytes:
     return _HDR.pack(len(data)) + data
 
 
+_THREADS = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _isolated_binds() -> list[str]:
+    """What an isolated worker needs to see: the interpreter, its packages, and rewards/."""
+    import site
+    paths = [sys.base_prefix, sys.prefix, os.path.join(_PKG_PARENT, "rewards")]
+    paths += [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    paths = [os.path.realpath(p) for p in paths]
+    # only the outermost of nested paths (a venv's site-packages lies inside the venv)
+    return [p for p in paths if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in paths)]
+
+
 class _Worker:
-    def __init__(self, startup_timeout_s: float):
+    def __init__(self, startup_timeout_s: float, isolated: bool = False, memory_mb: int = 4096):
         self.stderr = tempfile.TemporaryFile()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env["PYTHONPATH"] = _PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rewards._worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            env=env, start_new_session=True, close_fds=True)
+        self.uid: int | None = None
+        argv = [sys.executable, "-m", "rewards._worker"]
+        if isolated:
+            from rewards.sandbox import worker_command
+            env = {"PYTHONPATH": _PKG_PARENT, **_THREADS}
+            cmd, fds, kw = worker_command(argv, _isolated_binds(), env, memory_mb=memory_mb)
+            self.uid = kw.pop("uid")
+        else:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+            env["PYTHONPATH"] = _PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            cmd, fds, kw = argv, [], {"env": {**env, **_THREADS}}
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                start_new_session=True, close_fds=True, pass_fds=fds, **kw)
+        finally:
+            for fd in fds:
+                os.close(fd)
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.buf = bytearray()
         self.ready = False
@@ -126,6 +155,9 @@ class _Worker:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        if self.uid is not None:  # an isolated worker's own processes (it forked past its bwrap)
+            from rewards.sandbox import _kill_uid
+            _kill_uid(self.uid)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
@@ -152,12 +184,14 @@ class WorkerPool:
     >>> pool.close()
     """
 
-    def __init__(self, size: int = 1, startup_timeout_s: float = 120.0, max_start_failures: int = 3):
+    def __init__(self, size: int = 1, startup_timeout_s: float = 120.0, max_start_failures: int = 3,
+                 isolated: bool = False, memory_mb: int = 4096):
         if size < 1:
             raise ValueError(f"WorkerPool size must be >= 1, got {size}")
         self.size = size
         self.startup_timeout_s = startup_timeout_s
         self.max_start_failures = max_start_failures
+        self.isolated, self.memory_mb = isolated, memory_mb
         self.counters: dict[str, float] = {"worker_starts": 0, "worker_kills": 0, "worker_crashes": 0}
         self._start_failures = 0
         self._last_start_error = ""
@@ -168,7 +202,7 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         self.counters["worker_starts"] += 1
-        self._workers.append(_Worker(self.startup_timeout_s))
+        self._workers.append(_Worker(self.startup_timeout_s, self.isolated, self.memory_mb))
 
     def _retire(self, w: _Worker, sel: selectors.BaseSelector | None) -> str:
         if sel is not None:
@@ -197,6 +231,9 @@ class WorkerPool:
                 # hand queued tasks to idle ready workers
                 for w in list(self._workers):
                     if queue and w.ready and w.task_index is None:
+                        if w.proc.poll() is not None:  # its process (bwrap, if isolated) died while idle
+                            self._replace(w, sel, results, "crash")
+                            continue
                         i = queue.popleft()
                         try:
                             w.send(i, tasks[i])

@@ -80,6 +80,8 @@ from dataclasses import asdict, dataclass, field
 STATUSES = ("ok", "runtime_error", "timeout", "memory_limit", "output_limit", "sandbox_error")
 UID_RANGE = (1_000_000, 1_000_000 + (1 << 20))
 """Host uids used for sandbox runs (unused by real accounts); one random uid per run."""
+WORKER_UID_RANGE = (UID_RANGE[1], UID_RANGE[1] + (1 << 20))
+"""Host uids of isolated math workers (worker_command), apart from the runs' so leftovers stay countable."""
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
 
 
@@ -190,6 +192,87 @@ def become_subreaper() -> bool:
         return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _dirs_then_bind(paths: list[str]) -> list[str]:
+    """bwrap arguments binding each path read-only at the same place, its parents created 0755
+    (bwrap makes missing parents 0700, which a dropped uid could not traverse)."""
+    out, made = [], {"/"}
+    for p in sorted({os.path.realpath(x) for x in paths}):
+        parts = p.strip("/").split("/")
+        for i in range(1, len(parts)):
+            d = "/" + "/".join(parts[:i])
+            if d not in made:
+                out += ["--perms", "0755", "--dir", d]
+                made.add(d)
+        out += ["--ro-bind", p, p]
+        made.add(p)
+    return out
+
+
+def worker_command(argv: list[str], binds: list[str], env: dict[str, str], memory_mb: int = 4096,
+                   nproc: int = 16, tmp_mb: int = 64) -> tuple[list[str], list[int], dict]:
+    """The command, fds to pass and Popen keywords that run a long-lived Python worker (the math
+    workers of rewards.pool) isolated like a code run: own pid / mount / network / ipc / uts
+    namespaces, an empty read-only root with only ``/usr`` and ``binds`` (read-only, at the same
+    paths), a private ``/tmp``, an empty environment plus ``env``, the seccomp filter, rlimits.
+
+    The interpreter and its packages may sit where a fresh uid cannot read (``/root/.pyenv``), so
+    as root bwrap runs privileged (no user namespace), keeps only CAP_SETUID / CAP_SETGID, and
+    the worker drops itself to a fresh uid (``--drop-to UID``, appended to argv) after importing
+    its libraries and before it reads any task: from then on it has no capabilities, no host
+    files it could write, and ``nproc`` counts only its own processes. Not root: bwrap makes a
+    user namespace as for code runs (``--disable-userns`` inside) and the worker keeps our uid.
+    The caller closes the returned fds after starting the process.
+    """
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise RuntimeError("bwrap not found: the isolated reward workers need bubblewrap "
+                           "(Debian: apt-get install -y bubblewrap), or set reward.isolation: none")
+    from rewards.seccomp import filter_fd
+    sec_fd = filter_fd()
+    root = os.geteuid() == 0
+    cmd = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+           "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
+           "--ro-bind", "/usr", "/usr",
+           "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+           "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+           "--proc", "/proc", "--dev", "/dev",
+           "--perms", "1777", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp", *_dirs_then_bind(binds)]
+    if root:
+        cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        cmd += ["--unshare-user", "--disable-userns"]
+    cmd += ["--seccomp", str(sec_fd), "--remount-ro", "/", "--chdir", "/tmp", "--hostname", "reward-worker"]
+    for k, v in {"HOME": "/tmp", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **env}.items():
+        cmd += ["--setenv", k, v]
+    uid = random.randrange(*WORKER_UID_RANGE) if root else None
+    cmd += list(argv) + (["--drop-to", str(uid)] if uid is not None else [])
+    limits = [(resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_NPROC, nproc),
+              (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0)]
+
+    def preexec() -> None:
+        for which, value in limits:
+            resource.setrlimit(which, (value, value))
+    return cmd, [sec_fd], {"preexec_fn": preexec, "env": {}, "uid": uid}
+
+
+def drop_privileges(uid: int) -> None:
+    """In an isolated worker started as root (worker_command): become ``uid`` with no groups and
+    no capabilities, for good. Raises if anything is left."""
+    # After this bwrap's --die-with-parent no longer reaches us (the kernel checks kill permission
+    # for a parent-death signal, and bwrap keeps no CAP_KILL): the pool kills a worker by its uid
+    # (rewards.sandbox._kill_uid) and replaces one whose bwrap died; the worker exits at EOF of
+    # its task pipe when the pool's process goes away.
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    if os.getresuid() != (uid, uid, uid) or int(status["CapEff"], 16) or int(status["CapPrm"], 16):
+        raise RuntimeError(f"could not drop to uid {uid}: uid {os.getresuid()}, CapEff {status['CapEff'].strip()}")
+    if status.get("NoNewPrivs", "0").strip() != "1":
+        raise RuntimeError("no_new_privs is not set: refusing to run unfiltered")
 
 
 def execute(source: str, stdin: str = "", timeout_s: float = 2.0, memory_mb: int = 256, *,

@@ -35,12 +35,26 @@ class ScoreContext:
         self.config = config
         self.counters: Counter[str] = Counter()
         self._pool: WorkerPool | None = None
+        self._code_pool: WorkerPool | None = None
 
     @property
     def pool(self) -> WorkerPool:
+        """Math workers, isolated per ``config.isolation``."""
         if self._pool is None:
-            self._pool = WorkerPool(self.config.workers_per_actor)
+            self._pool = WorkerPool(self.config.workers_per_actor, isolated=self.config.isolation == "sandbox",
+                                    memory_mb=self.config.worker_memory_mb)
         return self._pool
+
+    @property
+    def code_pool(self) -> WorkerPool:
+        """Code-test harness workers: not isolated themselves (each starts a sandbox per program
+        run, which a sandboxed worker could not), they only compare outputs and values."""
+        if self._code_pool is None:
+            self._code_pool = WorkerPool(self.config.workers_per_actor)
+        return self._code_pool
+
+    def pools(self) -> list[WorkerPool]:
+        return [p for p in (self._pool, self._code_pool) if p is not None]
 
     def count(self, key: str, n: float = 1) -> None:
         self.counters[key] += n
@@ -54,9 +68,9 @@ class ScoreContext:
         self.counters[f"errors/{kind}"] += 1
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for p in self.pools():
+            p.close()
+        self._pool = self._code_pool = None
 
 
 class Scorer:
@@ -151,8 +165,9 @@ class Scorer:
             out.setdefault(k, 0.0)
         out["busy_s"] = self._busy_s
         out["verifications_per_s"] = out["verifications"] / self._busy_s if self._busy_s > 0 else 0.0
-        if self.ctx._pool is not None:
-            out.update({k: float(v) for k, v in self.ctx._pool.counters.items()})
+        for pool in self.ctx.pools():
+            for k, v in pool.counters.items():
+                out[k] = out.get(k, 0.0) + float(v)
         return out
 
     def close(self) -> None:

@@ -4,9 +4,13 @@ import pytest
 from rewards.pool import Task, WorkerPool
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = WorkerPool(2)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "isolated"])
+def pool(request):
+    if request.param:
+        from .conftest import sandbox_ok
+        if not sandbox_ok()[0]:
+            pytest.skip(f"no sandbox here: {sandbox_ok()[1]}")
+    p = WorkerPool(2, isolated=request.param)
     assert p.wait_ready()
     yield p
     p.close()
