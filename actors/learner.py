@@ -37,7 +37,13 @@ class LearnerActor:
         import torch.distributed as dist
 
         logging.basicConfig(level=logging.INFO)
-        torch.set_num_threads(max(1, int(os.environ.get("AHA_LEARNER_THREADS", "0")) or torch.get_num_threads()))
+        # cfg.threads: N, 0 = Ray's setting (the actor's num_cpus), -1 = every core we may run on
+        # (the controller's resolution of learner.threads: auto); AHA_LEARNER_THREADS overrides
+        want = int(os.environ.get("AHA_LEARNER_THREADS", "0")) or cfg.threads
+        if want == -1:
+            want = len(os.sched_getaffinity(0))
+        if want > 0:
+            torch.set_num_threads(want)
         self.rank, self.world = rank, world
         if world > 1:
             backend = "nccl" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "gloo"

@@ -69,7 +69,9 @@ class RayEngineEndpoint:
 class RolloutPool:
     """``cfg.num_actors`` engines; scale by changing that number (each engine is independent)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, num_cpus: float = 1.0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, num_cpus: float = 1.0, wait: bool = True):
+        """Starts the engines; ``wait=False`` returns at once (call :meth:`wait_ready` before use),
+        so a caller can start the learner while the engines load."""
         self.cfg = cfg
         env = {}
         if cfg.weight_transport == "vllm_ipc":
@@ -85,10 +87,19 @@ class RolloutPool:
                                                                                   "WARNING")}}}
         self.actors = [RolloutActor.options(name=None, **opts).remote(model_path, cfg, i)
                        for i in range(cfg.num_actors)]
-        info = get_all([a.ready.remote() for a in self.actors], "rollout engine start",
-                       cfg.start_timeout_s)
-        self.start_s = max(i["start_s"] for i in info)
+        self._ready = [a.ready.remote() for a in self.actors]
+        self.start_s = 0.0
         self.alive = set(range(len(self.actors)))
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every engine has started (``rollout.start_timeout_s`` at most). Idempotent."""
+        if self._ready is None:
+            return
+        info = get_all(self._ready, "rollout engine start", self.cfg.start_timeout_s)
+        self._ready = None
+        self.start_s = max(i["start_s"] for i in info)
         log.info("rollout pool: %d engine(s) up (slowest start %.1fs)", len(self.actors), self.start_s)
 
     def mark_dead(self, index: int, why: str) -> None:

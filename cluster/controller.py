@@ -158,6 +158,9 @@ class Controller:
                       seed=self.cfg.learner.seed + self.cfg.run.seed)
         if st.type == "sft":  # no KL term in SFT: a reference model would be memory for nothing
             cfg = replace(cfg, loss=replace(cfg.loss, kl_coef=0.0))
+        if cfg.threads == 0:  # auto: all cores when nothing else computes while the learner does
+            alone = st.type == "sft" or self.cfg.algo.max_staleness == 0
+            cfg = replace(cfg, threads=-1 if alone and cfg.num_actors == 1 and cfg.gpus_per_actor == 0 else 0)
         return cfg
 
     def _save(self, learners: LearnerGroup, tag: str) -> str:
@@ -207,9 +210,16 @@ class Controller:
                                    rc.max_tokens, "data.train")
         test, _ = fit_prompts(self.data("test", "test")[:cfg.eval.num_prompts], tok, rc.template,
                               rc.max_model_len, rc.max_tokens, "data.test")
-        learners = LearnerGroup(model_path, self._learner_cfg(st), rc.temperature,
-                                cfg.run.learner_cpus, cfg.run.timeout_s)
-        rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + cfg.run.seed), cfg.run.rollout_cpus)
+        # the engines load (the slowest start) while the learner loads
+        rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + cfg.run.seed), cfg.run.rollout_cpus,
+                               wait=False)
+        try:
+            learners = LearnerGroup(model_path, self._learner_cfg(st), rc.temperature,
+                                    cfg.run.learner_cpus, cfg.run.timeout_s)
+            rollouts.wait_ready()
+        except BaseException:
+            rollouts.shutdown()
+            raise
         sync = WeightSync(learners, rollouts, cfg.run.timeout_s)
         stream = RolloutStream(rollouts, self.rewards, cycle(train_set, cfg.run.seed),
                                cfg.algo.prompts_per_step, cfg.algo.max_staleness, cfg.run.timeout_s,
