@@ -30,6 +30,7 @@ Options (``config.options["code"]``): ``test_timeout_s`` (per sandbox run, defau
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import math
 import re
@@ -130,6 +131,7 @@ frozenset hex int isinstance issubclass len list max min oct ord pow range repr 
 slice sorted str sum tuple type zip None True False""".split())
 """Names a test may use in the part of its check that runs in the caller (with the real builtins)."""
 _HOST_MODULES = {"math": math}
+_HOST_BUILTINS = {name: getattr(builtins, name) for name in SAFE_BUILTINS if hasattr(builtins, name)}
 _SCOPES = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.NamedExpr)
 
 
@@ -168,7 +170,7 @@ class _Lift(ast.NodeTransformer):
         if isinstance(node, _SCOPES):
             raise _Unsplittable()  # the solution's value would depend on a caller-side variable
         if isinstance(node, (ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.IfExp, ast.Tuple,
-                             ast.List, ast.Set, ast.Dict, ast.Starred, ast.keyword, ast.JoinedStr,
+                             ast.List, ast.Set, ast.Dict, ast.Starred, ast.JoinedStr,
                              ast.FormattedValue)) or (isinstance(node, ast.Call) and _host_callee(node.func)):
             return self.generic_visit(node)
         self.exprs.append(ast.unparse(node))
@@ -225,15 +227,12 @@ def host_check(check: str, values: list) -> bool:
     """Evaluate a split assert's check in the caller. ``values[k]`` is the decoded value of the
     k-th lifted expression, or an exception it raised in the sandbox (raised here only if the
     check uses it, so ``x is None or x[0] == 1`` short-circuits as it would in Python)."""
-    import builtins
-
     def v(k: int):
         x = values[k]
         if isinstance(x, BaseException):
             raise x
         return x
-    safe = {name: getattr(builtins, name) for name in SAFE_BUILTINS if hasattr(builtins, name)}
-    env = {"__builtins__": safe, **_HOST_MODULES, "_aha_v": v}
+    env = {"__builtins__": _HOST_BUILTINS, **_HOST_MODULES, "_aha_v": v}
     return bool(eval(compile(check, "<check>", "eval"), env))  # noqa: S307 - the dataset's test text
 
 

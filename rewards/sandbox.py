@@ -83,6 +83,11 @@ UID_RANGE = (1_000_000, 1_000_000 + (1 << 20))
 WORKER_UID_RANGE = (UID_RANGE[1], UID_RANGE[1] + (1 << 20))
 """Host uids of isolated math workers (worker_command), apart from the runs' so leftovers stay countable."""
 PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
+_SYSTEM_ROOT = ["--ro-bind", "/usr", "/usr",
+                "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+                "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
+                "--proc", "/proc", "--dev", "/dev"]
+"""bwrap arguments both code runs and isolated workers start from: /usr read-only, a fresh /proc, a minimal /dev."""
 
 
 @dataclass
@@ -233,11 +238,7 @@ def worker_command(argv: list[str], binds: list[str], env: dict[str, str], memor
     sec_fd = filter_fd()
     root = os.geteuid() == 0
     cmd = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-           "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
-           "--ro-bind", "/usr", "/usr",
-           "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-           "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-           "--proc", "/proc", "--dev", "/dev",
+           "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv", *_SYSTEM_ROOT,
            "--perms", "1777", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp", *_dirs_then_bind(binds)]
     if root:
         cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -310,11 +311,7 @@ def execute(source: str, stdin: str = "", timeout_s: float = 2.0, memory_mb: int
         # --as-pid-1: the program is pid 1 of its pid namespace, so no process of ours (bwrap's
         # reaper init) shares the sandbox with it: nothing there to read, write or signal but itself
         cmd = [bwrap, "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
-               "--json-status-fd", str(status_w),
-               "--ro-bind", "/usr", "/usr",
-               "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-               "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin",
-               "--proc", "/proc", "--dev", "/dev",
+               "--json-status-fd", str(status_w), *_SYSTEM_ROOT,
                "--size", str(1 << 20), "--tmpfs", "/dev/shm",
                "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
                "--ro-bind-data", str(src_fd), "/sandbox/main.py"]

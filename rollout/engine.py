@@ -141,11 +141,10 @@ class VllmEngine:
         """One tiny generation, so the first real request does not pay for first-call setup
         (measured 4.5 s on 2 cores for the demo's first step); the prefix cache it fills is reset
         at the first weight update."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = encode_prompt(self.tokenizer, render(self.cfg.template, "1 + 1"))
-        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(n=self.cfg.group_size, max_tokens=4),
+        self.llm.generate([TokensPrompt(prompt_token_ids=ids)], self._sampling(self.cfg.group_size, max_tokens=4),
                           use_tqdm=False)
 
     def _sampling(self, n: int, temperature: float | None = None, max_tokens: int | None = None,
