@@ -27,7 +27,9 @@ TEMPLATES = {
 }
 
 
-def render(template: str, question: str) -> str:
+def render(template: str, question: str, tokenizer=None) -> str:
+    """The text the model continues. ``tokenizer`` is for templates built from the tokenizer's own
+    chat template (none yet in this version; the argument is accepted everywhere already)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[template].format(question=question)
