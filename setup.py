@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="GRPO with vLLM rollout, CPU verifier and learner actor pools on Ray",
     python_requires=">=3.10",
-    packages=["actors", "learner", "rollout", "rewards", "cluster"],
+    packages=["actors", "learner", "learner.megatron", "rollout", "rewards", "cluster", "cluster.stages"],
     package_data={"cluster": ["configs/*.yaml"]},
     # CPU pins live in requirements/cpu-lock.txt (installed by `make install`); these are the
     # direct dependencies for a GPU install, see README.

@@ -1,5 +1,5 @@
-"""``aha`` command line: ``aha train CONFIG.yaml [key=value ...]``, ``aha demo``, ``aha report RUN_DIR``,
-``aha sandbox``."""
+"""``aha`` command line: ``aha train CONFIG.yaml [key=value ...] [--resume]``, ``aha resume RUN_DIR``,
+``aha demo [r1]``, ``aha report RUN_DIR``, ``aha plot RUN_DIR``, ``aha sandbox``."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,10 @@ import os
 import sys
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+DEMO_R1_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo_r1.yaml")
 
 
-def _train(config: str | None, overrides: list[str], address: str | None) -> int:
+def _train(config: str | None, overrides: list[str], address: str | None, resume: bool = False) -> int:
     from cluster.config import load_config, to_dict
 
     try:
@@ -25,29 +26,40 @@ def _train(config: str | None, overrides: list[str], address: str | None) -> int
 
     from cluster.controller import Controller, start_ray
 
-    try:
-        ctl = Controller(cfg)
-    except ValueError as e:  # e.g. the run directory is taken: before any actor starts
-        print(f"aha: {e}", file=sys.stderr)
+    try:  # the run directory, the resume plan and every data source: before any actor starts
+        ctl = Controller(cfg, resume=resume)
+    except (ValueError, OSError) as e:
+        print(f"aha: bad config: {e}", file=sys.stderr)
         return 2
     with open(os.path.join(ctl.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     start_ray(cfg)
     results = ctl.run()
-    print(f"\nrun directory: {ctl.run_dir}")
-    for stage, r in results.items():
-        for when, row in r.items():
-            print(f"  {stage:>10} {when:>5}: pass@1 {row['accuracy']:.3f}  cons@{row['k']} {row['cons_at_k']:.3f}")
-    with open(os.path.join(ctl.run_dir, "summary.json"), "w") as f:
-        json.dump({"eval": results, "samples": ctl.sample_counts}, f, indent=1)
-    from cluster.report import plot_curves, where_to_look
+    from cluster.report import plot_curves, plot_stages, summary_markdown, summary_text, where_to_look
 
+    rows = ctl.summary_rows()
+    print(f"\nrun directory: {ctl.run_dir}\n{summary_text(rows)}")
+    with open(os.path.join(ctl.run_dir, "summary.md"), "w") as f:
+        f.write(f"# {cfg.run.name}\n\n{summary_markdown(rows)}\n")
+    with open(os.path.join(ctl.run_dir, "summary.json"), "w") as f:
+        json.dump({"eval": results, "samples": ctl.sample_counts, "stages": rows}, f, indent=1)
     try:
         plot_curves(ctl.run_dir)
+        plot_stages(ctl.run_dir)
     except Exception as e:  # noqa: BLE001 - the run itself succeeded; say why there is no plot
         print(f"aha: could not plot the curves: {e}", file=sys.stderr)
     print(where_to_look(os.path.relpath(ctl.run_dir), _self_command()))
     return 0
+
+
+def _resume(run_dir: str, overrides: list[str], address: str | None) -> int:
+    """Resume a run from its own resolved config (``RUN_DIR/config.yaml``)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        print(f"aha: {run_dir} holds no config.yaml: not a run directory", file=sys.stderr)
+        return 2
+    root, name = os.path.split(os.path.abspath(run_dir))
+    return _train(path, [*overrides, f"run.root={root}", f"run.name={name}"], address, resume=True)
 
 
 def _self_command() -> str:
@@ -81,9 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted.key=value (e.g. learner.lr=1e-5)")
     t.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else local)")
-    d = sub.add_parser("demo", help="the embedded R1-Zero demo: tiny model, arithmetic, SFT then GRPO")
-    d.add_argument("overrides", nargs="*")
+    t.add_argument("--resume", action="store_true",
+                   help="continue runs/<run.name>: skip the stages it finished, redo the first unfinished one")
+    rs = sub.add_parser("resume", help="continue a run directory from its first unfinished stage")
+    rs.add_argument("run_dir")
+    rs.add_argument("overrides", nargs="*", help="operational overrides (run.timeout_s=...)")
+    rs.add_argument("--address")
+    d = sub.add_parser("demo", help="the embedded demos: `aha demo` (R1-Zero: SFT then GRPO) or "
+                                    "`aha demo r1` (the whole R1 recipe, ~20 min on 2 cores)")
+    d.add_argument("overrides", nargs="*", help="'r1' first for the R1 recipe, then dotted.key=value")
     d.add_argument("--address")
+    d.add_argument("--resume", action="store_true")
+    pl = sub.add_parser("plot", help="PNG curves per stage under RUN_DIR/plots/")
+    pl.add_argument("run_dir")
     r = sub.add_parser("report", help="table, curves.png and sample trajectories of a run directory")
     r.add_argument("run_dir", help="e.g. runs/demo")
     r.add_argument("--samples", type=int, default=3, help="trajectories to print (default 3)")
@@ -91,9 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "train":
-        return _train(a.config, a.overrides, a.address)
+        return _train(a.config, a.overrides, a.address, a.resume)
+    if a.cmd == "resume":
+        return _resume(a.run_dir, a.overrides, a.address)
     if a.cmd == "demo":
-        return _train(DEMO_CONFIG, a.overrides, a.address)
+        if a.overrides[:1] == ["r1"]:
+            return _train(DEMO_R1_CONFIG, a.overrides[1:], a.address, a.resume)
+        return _train(DEMO_CONFIG, a.overrides, a.address, a.resume)
+    if a.cmd == "plot":
+        from cluster.report import plot_stages
+        if not os.path.isdir(a.run_dir):
+            print(f"aha: no run directory {a.run_dir}", file=sys.stderr)
+            return 2
+        paths = plot_stages(a.run_dir)
+        print("\n".join(paths) if paths else f"aha: {a.run_dir} has no metrics to plot")
+        return 0 if paths else 2
     if a.cmd == "report":
         return _report(a.run_dir, a.samples)
     return 2

@@ -60,11 +60,13 @@ class RunLogger:
         self.tb.flush()
 
     def metrics(self, row: dict, global_step: int) -> None:
+        row = {**row, "global_step": global_step}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         self._tb(row.get("stage", "train"), row, global_step)
 
     def eval(self, row: dict, global_step: int) -> None:
+        row = {**row, "global_step": global_step}
         self._eval.write(json.dumps(row) + "\n")
         self._eval.flush()
         self._tb("eval", row, global_step)

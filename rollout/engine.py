@@ -143,7 +143,7 @@ class VllmEngine:
         at the first weight update."""
         from vllm.inputs import TokensPrompt
 
-        ids = encode_prompt(self.tokenizer, render(self.cfg.template, "1 + 1"))
+        ids = encode_prompt(self.tokenizer, render(self.cfg.template, "1 + 1", self.tokenizer))
         self.llm.generate([TokensPrompt(prompt_token_ids=ids)], self._sampling(self.cfg.group_size, max_tokens=4),
                           use_tqdm=False)
 
@@ -166,7 +166,7 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         n = n or self.cfg.group_size
-        texts = [render(self.cfg.template, r.question) for r in records]
+        texts = [render(self.cfg.template, r.question, self.tokenizer) for r in records]
         prompt_ids = [encode_prompt(self.tokenizer, t) for t in texts]
         t0 = time.time()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],

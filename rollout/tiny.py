@@ -45,9 +45,11 @@ def build_tokenizer():
 
 def create_tiny_model(path: str, hidden: int = 128, layers: int = 4, heads: int = 4,
                       kv_heads: int = 2, intermediate: int = 384, max_positions: int = 1024,
-                      seed: int = 0) -> str:
+                      seed: int = 0, extra_chars: str = "") -> str:
     """Write a random tiny Qwen2 (``~1M`` parameters) and its tokenizer to ``path``; returns ``path``.
 
+    ``extra_chars``: characters beyond printable ASCII that get one token each (e.g. the Greek
+    letters of the arithmetic task's mixed-language chains of thought, rollout.datasets.GREEK_CHARS).
     Idempotent: an existing model with the same settings is left as it is.
     """
     import torch
@@ -55,11 +57,15 @@ def create_tiny_model(path: str, hidden: int = 128, layers: int = 4, heads: int 
 
     spec = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                 intermediate=intermediate, max_positions=max_positions, seed=seed)
+    if extra_chars:
+        spec["extra_chars"] = extra_chars
     stamp = os.path.join(path, "aha_tiny.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == spec:
         return path
     os.makedirs(path, exist_ok=True)
     tok = build_tokenizer()
+    if extra_chars:
+        tok.add_tokens(sorted(set(extra_chars) - set(tok.get_vocab())))
     cfg = Qwen2Config(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -76,8 +76,11 @@ def test_trajectories_landed_in_parquet(run):
 
 def test_eval_and_tensorboard(run):
     _, run_dir, results = run
-    ev = _rows(os.path.join(run_dir, "eval.jsonl"))
-    assert [e["step"] for e in ev] == [0, STEPS]
+    every = _rows(os.path.join(run_dir, "eval.jsonl"))
+    # the SFT checkpoint is evaluated once: its row is also the GRPO stage's start
+    assert [(e["stage"], e["step"]) for e in every] == [("0-sft", 40), ("1-grpo", STEPS)]
+    assert results["1-grpo"]["start"] == results["0-sft"]["end"]
+    ev = every[1:]
     # the numbers in eval.jsonl are those of the eval samples on disk (one part file per eval)
     folder = os.path.join(run_dir, "trajectories", "eval-1-grpo")
     parts = sorted(os.listdir(folder))

@@ -1,0 +1,28 @@
+"""``distill``: R1's distillation into a smaller student. The stage's input checkpoint is the
+teacher: it generates ``samples_per_prompt`` traces per prompt of ``data.train``, the reward pool
+scores them and the rejection filter (``filters``) drops the wrong ones (the dataset lands under
+``runs/<name>/datasets/<stage>/`` like a rejection_sample stage's); then the **student** (``student``:
+another, usually smaller, model, possibly with another tokenizer: the traces are re-tokenized from
+their text) is SFT'd on the kept traces for ``steps`` steps and evaluated. Its checkpoint is the
+stage's output.
+"""
+from __future__ import annotations
+
+import os
+
+from cluster.stages import reject, sft
+
+
+def run(ctl, i, st, job) -> dict:
+    from cluster.config import ModelConfig, _build
+    from rollout.datasets import load_prompts
+
+    final = ctl.dataset_dir(st.name)
+    summary = reject.sample_dataset(ctl, st, job, ctl.input_model(i, st), ctl.tmp_for(final))
+    ctl.commit(i, ctl.tmp_for(final), final)
+    ctl.results.setdefault(st.name, {})["rejection"] = summary
+    kept = os.path.join(final, "kept")
+    student = ctl.base_model(_build(ModelConfig, st.student, f"stages.{i}.student"), f"student-{st.name}")
+    records, _ = load_prompts(kept)
+    return {"checkpoint": sft.train(ctl, i, st, job, student, records), "dataset": kept,
+            "dataset_dir": final}

@@ -1,0 +1,156 @@
+"""``grpo``: group-relative policy optimisation, one step in the algorithm's order, one timer per
+phase:
+
+    wait_rollout: take G completions for each of ``prompts_per_step`` prompts (generated and scored
+                  asynchronously while the previous step trained)
+    advantage:    group-relative advantages (learner.shaping.prepare_step)
+    train:        one clipped policy-gradient update on every data-parallel learner
+    sync:         stream the new weights to every rollout engine
+
+then metrics.jsonl / TensorBoard / Parquet trajectories / terminal (untimed: controller overhead).
+The input checkpoint is also the KL reference.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import replace
+
+from actors.learner import LearnerGroup
+from actors.rollout import RolloutPool
+from actors.stream import RolloutStream
+from actors.weight_sync import WeightSync
+from cluster.metrics import summary_line
+from learner.shaping import prepare_step
+from rollout.datasets import fit_prompts
+from rollout.types import to_arrow
+
+log = logging.getLogger(__name__)
+
+
+def run(ctl, i, st, job) -> dict:
+    from tqdm import tqdm
+
+    from cluster.controller import cycle, rollout_metrics, tokenizer
+
+    rc, algo = job.rollout, job.algo
+    model_path = ctl.input_model(i, st)
+    tok = tokenizer(model_path)  # prompts that can never fit fail here, before any actor starts
+    train_set, _ = fit_prompts(ctl.records(job.data.train, "train", job, "data.train"), tok,
+                               rc.template, rc.max_model_len, rc.max_tokens, "data.train")
+    test = ctl.test_prompts(job, tok)
+    # the engines load (the slowest start) while the learner loads
+    rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
+                           wait=False)
+    try:
+        learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), rc.temperature,
+                                job.run.learner_cpus, job.run.timeout_s)
+        rollouts.wait_ready()
+    except BaseException:
+        rollouts.shutdown()
+        raise
+    try:
+        sync = WeightSync(learners, rollouts, job.run.timeout_s)
+        stream = RolloutStream(rollouts, ctl.rewards, cycle(train_set, job.run.seed),
+                               algo.prompts_per_step, algo.max_staleness, job.run.timeout_s,
+                               total_takes=st.steps)
+        version = 0
+        ctl.record_eval(st.name, "start", ctl.evaluated.get(model_path)
+                        or ctl.evaluate(rollouts, test, job, st.name, 0))
+        stream.on_weights_updated(version)
+        shaping_totals: Counter = Counter()
+        t_step = time.time()
+        bar = tqdm(range(st.steps), desc=st.name, dynamic_ncols=True)
+        for step in bar:
+            with ctl.timer("wait_rollout"):
+                groups, info = stream.take(version)
+            info["learner_version"] = version  # the version these samples are trained at
+            with ctl.timer("advantage"):
+                samples, loss_samples, shaping = prepare_step(
+                    groups, step + 1, scale_by_std=job.learner.loss.scale_adv_by_std,
+                    max_tokens=rc.max_tokens, overlong_buffer=algo.overlong_buffer,
+                    overlong_factor=algo.overlong_penalty, truncated=algo.truncated,
+                    failed_checks=algo.failed_checks, zero_variance=algo.zero_variance_groups)
+            shaping_totals.update(shaping)
+            if shaping["zero_variance_groups"] == len(groups):
+                log.warning("step %d: all %d groups have equal rewards (advantage 0 everywhere): no "
+                            "policy-gradient signal this step%s", step + 1, len(groups),
+                            "" if algo.zero_variance_groups == "drop" else
+                            " (algo.zero_variance_groups=drop skips such steps)")
+            if loss_samples:
+                with ctl.timer("train"):
+                    train = learners.train_grpo(to_arrow(loss_samples))
+                with ctl.timer("sync"):
+                    version = train["weight_version"]
+                    sync_stats = sync.push(version)
+                    stream.on_weights_updated(version)
+            else:  # every sample masked: nothing to learn from; the weights stay as they are
+                shaping_totals["steps_skipped"] += 1
+                log.warning("step %d skipped: every sample was masked from the loss (%s)", step + 1,
+                            dict(shaping))
+                train, sync_stats = {}, {}
+            # logging is the controller's own overhead: untimed, it shows in the next step as
+            # time_step_s minus the phases above
+            ctl.global_step += 1
+            row = step_row(ctl, st, step + 1, version, samples, train, info, stream, sync_stats,
+                           rollout_metrics)
+            row.update({"zero_variance_groups": shaping["zero_variance_groups"],
+                        "loss_samples": len(loss_samples),
+                        **{f"samples_{k}": v for k, v in shaping.items() if k.startswith("masked_")},
+                        "steps_skipped": shaping_totals["steps_skipped"]})
+            row["time_step_s"] = time.time() - t_step
+            t_step = time.time()
+            ctl.logger.metrics(row, ctl.global_step)
+            ctl.logger.trajectories(st.name, samples)
+            bar.write(summary_line(row))
+            if job.eval.every and (step + 1) % job.eval.every == 0 and step + 1 < st.steps:
+                with ctl.timer("eval"):
+                    ctl.evaluate(rollouts, test, job, st.name, step + 1)
+            if job.run.checkpoint_every and (step + 1) % job.run.checkpoint_every == 0:
+                with ctl.timer("checkpoint"):
+                    learners.save_hf(ctl.checkpoint_dir(f"{st.name}-step{step + 1}"))
+        left = stream.close()  # counted: generated but not trained on
+        ctl.sample_counts[st.name] = {"generated": stream.counts["generated"],
+                                      "trained": stream.counts["trained"],
+                                      "reward_retries": stream.counts["reward_retries"],
+                                      **dict(stream.dropped), **dict(shaping_totals)}
+        log.info("stage %s samples: %s (%d left unused at the end)", st.name,
+                 ctl.sample_counts[st.name], left)
+        out = ctl.save(i, learners, st.name)
+        ctl.record_eval(st.name, "end", ctl.evaluate(rollouts, test, job, st.name, st.steps), out)
+    finally:
+        rollouts.shutdown()
+        learners.shutdown()
+    return {"checkpoint": out}
+
+
+def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats, rollout_metrics) -> dict:
+    reqs = info["requests"]
+    gen_time = sum(r.get("time_generate_s", 0.0) for r in reqs)
+    gen_tokens = sum(r.get("gen_tokens", 0) for r in reqs)
+    dropped = sum(stream.dropped.values())
+    row = {"stage": st.name, "step": step, "weight_version": version,
+           **rollout_metrics(samples, info["learner_version"]),
+           "kl": train.get("kl", 0.0), "clip_frac": train.get("clip_frac", 0.0),
+           "entropy": train.get("entropy", 0.0), "samples_dropped": dropped,
+           **{f"samples_{k}": v for k, v in stream.dropped.items()},
+           "samples_generated": stream.counts["generated"],
+           "samples_trained": stream.counts["trained"],
+           "reward_retries": stream.counts["reward_retries"],
+           **{k: v for k, v in train.items() if k not in ("kl", "clip_frac", "entropy", "weight_version")},
+           **ctl.timer.pop(),
+           "time_generate_s": gen_time,
+           "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
+           "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
+           "sync_bytes": sync_stats.get("sync_bytes", 0.0)}
+    for r in reqs:  # latest cumulative counters of each reward actor, summed below
+        if "reward_pool" in r:
+            ctl.reward_counters[r["reward_actor"]] = r["reward_pool"]
+    for stats in ctl.reward_counters.values():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                row[f"reward_pool/{k}"] = row.get(f"reward_pool/{k}", 0.0) + v
+    row["time_sync_s"] = row.pop("time_sync_s", 0.0)
+    row["time_train_s"] = row.pop("time_train_s", 0.0)
+    return row

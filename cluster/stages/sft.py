@@ -1,0 +1,59 @@
+"""``sft``: supervised fine-tuning on gold completions (R1's cold start, and its stage-3 SFT on
+rejection-sampled data). The response is the record's ``solution`` text, tokenized with the
+model's own tokenizer (so a student with another tokenizer re-tokenizes a teacher's text)."""
+from __future__ import annotations
+
+import logging
+
+from rollout.datasets import PromptRecord
+from rollout.templates import encode_prompt, encode_target, render
+from rollout.types import Sample, to_arrow
+
+log = logging.getLogger(__name__)
+
+
+def run(ctl, i, st, job) -> dict:
+    records = ctl.records(job.data.sft, "train", job, "data.sft")
+    return {"checkpoint": train(ctl, i, st, job, ctl.input_model(i, st), records)}
+
+
+def train(ctl, i, st, job, model_path: str, records: list[PromptRecord]) -> str:
+    """``st.steps`` steps of ``st.batch_size`` sequences from ``records`` (shuffled, cycled);
+    saves, evaluates and returns the checkpoint."""
+    from tqdm import tqdm
+
+    from actors.learner import LearnerGroup
+    from cluster.controller import cycle, tokenizer
+
+    tok = tokenizer(model_path)
+    samples = []  # rendered and tokenized once; steps draw from them
+    for r in records:
+        if r.solution:
+            p = render(job.rollout.template, r.question, tok)
+            resp = encode_target(tok, r.solution)
+            samples.append(Sample(prompt_id=r.id, group_index=0, prompt=p, response=r.solution,
+                                  prompt_ids=encode_prompt(tok, p), response_ids=resp,
+                                  response_logprobs=[0.0] * len(resp), weight_version=-1,
+                                  answer=r.answer))
+    if not samples:
+        raise ValueError(f"stage {st.name}: its data has no 'solution' text to train on")
+    learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), 1.0, job.run.learner_cpus,
+                            job.run.timeout_s)
+    try:
+        pool = cycle(samples, job.run.seed)
+        bar = tqdm(range(st.steps), desc=st.name, dynamic_ncols=True)
+        for step in bar:
+            with ctl.timer("data"):
+                batch = [next(pool) for _ in range(st.batch_size)]
+            with ctl.timer("train"):
+                stats = learners.train_sft(to_arrow(batch))
+            ctl.global_step += 1
+            ctl.logger.metrics({"stage": st.name, "step": step + 1, **stats, **ctl.timer.pop()},
+                               ctl.global_step)
+            if "sft_loss" in stats:  # absent on pipeline stages that hold no output layer
+                bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
+        out = ctl.save(i, learners, st.name)
+    finally:
+        learners.shutdown()
+    ctl.evaluate_checkpoint(out, st, job)
+    return out
