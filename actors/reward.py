@@ -33,7 +33,8 @@ class RewardActor:
         samples = from_arrow(rollout["batch"])
         results = self.scorer.score_batch([
             RewardInput(response=s.response, answer=s.answer, task=s.task, prompt=s.prompt,
-                        tests=s.meta.get("tests"), meta={"finish_reason": s.finish_reason})
+                        tests=s.meta.get("tests"),
+                        meta={"finish_reason": s.finish_reason, "reward_weights": s.meta.get("reward_weights")})
             for s in samples])
         for s, r in zip(samples, results):
             s.reward, s.reward_components, s.reward_reason = r.score, dict(r.components), r.reason

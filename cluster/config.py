@@ -45,7 +45,9 @@ class DataConfig:
     """Prompts with checkable answers: 'arithmetic' (built-in synthetic task), a data source (a
     Parquet / JSONL / JSON-array / CSV file, a folder of Parquet shards or a ``save_to_disk``
     folder, see rollout.datasets.load_prompts), or ``{from_stage: NAME}`` (the dataset a
-    rejection_sample or distill stage kept)."""
+    rejection_sample or distill stage kept). Or a list of prompt sets mixed in every batch, each
+    a source or ``{source: SOURCE, reward_weights: {verifier: weight}}`` (its own weights, e.g.
+    rule rewards for reasoning prompts and the reward model for the others)."""
     test: Any = "arithmetic"
     """Held-out prompts for evaluation: 'arithmetic', a data source or ``{from_stage: NAME}``."""
     sft: Any = "arithmetic"
@@ -313,8 +315,25 @@ class JobConfig:
             raise ValueError(f"{p}model {model!r} is not a directory (a checkpoint directory, 'base' "
                              "or {from_stage: NAME})")
         for key in DATA_USED[st.type]:
-            self._check_source(f"{p}data.{key}", getattr(job.data, key), i, names,
-                               "rejection_sample" if key == "pairs" else DATASET_STAGES)
+            src, where = getattr(job.data, key), f"{p}data.{key}"
+            kinds = "rejection_sample" if key == "pairs" else DATASET_STAGES
+            if isinstance(src, list) and key == "train":
+                if not src:
+                    raise ValueError(f"{where} is an empty list: name at least one prompt set")
+                for j, item in enumerate(src):
+                    if isinstance(item, dict) and "source" in item:
+                        if set(item) - {"source", "reward_weights"}:
+                            raise ValueError(f"{where}.{j}: a prompt set takes source and reward_weights, "
+                                             f"got {', '.join(sorted(item))}")
+                        unknown = set(item.get("reward_weights") or {}) - set(job.reward.weights)
+                        if unknown:
+                            raise ValueError(f"{where}.{j}.reward_weights.{sorted(unknown)[0]}: not a verifier "
+                                             f"of {p}reward.weights ({', '.join(job.reward.weights)}); every "
+                                             "verifier a prompt set weighs must be in the stage's reward.weights")
+                        item = item["source"]
+                    self._check_source(f"{where}.{j}", item, i, names, kinds)
+            else:
+                self._check_source(where, src, i, names, kinds)
         for where, ref in find_refs(job.reward.options, f"{p}reward.options"):
             self._ref(where, ref, i, names, ("reward_model",), "a reward model")
         weights = job.reward.weights

@@ -148,11 +148,15 @@ class Controller:
         its dataset in ``data`` (a rejection stage's whole folder for ``data.pairs``), its
         checkpoint elsewhere."""
         job = copy.deepcopy(self.cfg.for_stage(i))
-        for key in ("train", "test", "sft", "pairs"):
-            src = getattr(job.data, key)
+
+        def dataset(src: Any, key: str) -> Any:
             if isinstance(src, dict) and "from_stage" in src:
-                out = self.outputs[src["from_stage"]]
-                setattr(job.data, key, out["dataset_dir" if key == "pairs" else "dataset"])
+                return self.outputs[src["from_stage"]]["dataset_dir" if key == "pairs" else "dataset"]
+            if isinstance(src, dict) and "source" in src:
+                return {**src, "source": dataset(src["source"], key)}
+            return [dataset(s, key) for s in src] if isinstance(src, list) else src
+        for key in ("train", "test", "sft", "pairs"):
+            setattr(job.data, key, dataset(getattr(job.data, key), key))
 
         def sub(obj: Any) -> Any:
             if isinstance(obj, dict):
@@ -183,6 +187,20 @@ class Controller:
         self._data[key] = records
         return records
 
+    def train_records(self, job: JobConfig) -> list[PromptRecord]:
+        """``data.train``'s records; with a list of prompt sets, all of them, each record carrying
+        its set's ``reward_weights`` (and its id prefixed by the set's index)."""
+        src = job.data.train
+        if not isinstance(src, list):
+            return self.records(src, "train", job, "data.train")
+        out = []
+        for j, item in enumerate(src):
+            w = item.get("reward_weights") if isinstance(item, dict) else None
+            for r in self.records(item["source"] if isinstance(item, dict) else item, "train", job,
+                                  f"data.train.{j}"):
+                out.append(replace(r, id=f"{j}/{r.id}", meta={**r.meta, **({"reward_weights": w} if w else {})}))
+        return out
+
     def test_prompts(self, job: JobConfig, tok) -> list[PromptRecord]:
         rc = job.rollout
         test, _ = fit_prompts(self.records(job.data.test, "test", job, "data.test")[:job.eval.num_prompts],
@@ -200,17 +218,9 @@ class Controller:
             job = self.cfg.for_stage(i)
             p = f"stages.{i}." if job is not self.cfg else ""
             for key in DATA_USED[st.type]:
-                src = getattr(job.data, key)
-                if not isinstance(src, str) or src == "":
-                    continue  # {from_stage: NAME}: that stage's output
-                if key == "pairs":
-                    if not load_pairs(src):
-                        raise ValueError(f"{p}data.pairs {src!r} holds no preference pairs")
-                    continue
-                recs = self.records(src, "test" if key == "test" else "train", job, f"{p}data.{key}")
-                if key == "sft" and not any(r.solution for r in recs):
-                    raise ValueError(f"{p}data.sft {src!r} has no 'solution' column (nor GSM8K-style "
-                                     "'#### answer' text) to train on; map one with data.columns.solution")
+                srcs = getattr(job.data, key)
+                for src in srcs if isinstance(srcs, list) else [srcs]:
+                    self._preflight_source(p, key, src, job, load_pairs)
             if st.type == "grpo" and "arithmetic" not in (job.data.train, job.data.test) \
                     and all(isinstance(s, str) for s in (job.data.train, job.data.test)):
                 shared = overlapping_questions(self.records(job.data.train, "train", job),
@@ -218,6 +228,20 @@ class Controller:
                 if shared:
                     log.warning("data.test: %d question(s) also in data.train (held-out scores on them "
                                 "are not held out), e.g. %r", len(shared), shared[0][:200])
+
+    def _preflight_source(self, p: str, key: str, src: Any, job: JobConfig, load_pairs) -> None:
+        if isinstance(src, dict) and "source" in src:
+            src = src["source"]
+        if not isinstance(src, str) or src == "":
+            return  # {from_stage: NAME}: that stage's output
+        if key == "pairs":
+            if not load_pairs(src):
+                raise ValueError(f"{p}data.pairs {src!r} holds no preference pairs")
+            return
+        recs = self.records(src, "test" if key == "test" else "train", job, f"{p}data.{key}")
+        if key == "sft" and not any(r.solution for r in recs):
+            raise ValueError(f"{p}data.sft {src!r} has no 'solution' column (nor GSM8K-style "
+                             "'#### answer' text) to train on; map one with data.columns.solution")
 
     # ---- outputs ----------------------------------------------------------------------------
     def checkpoint_dir(self, tag: str) -> str:

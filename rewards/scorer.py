@@ -109,7 +109,10 @@ class Scorer:
         for i, x in enumerate(inputs):
             components = {name: float(per[name][i].score) for name in self.verifiers}
             reasons = {name: per[name][i].reason for name in self.verifiers}
-            score = sum(self.config.weights[name] * components[name] for name in self.verifiers)
+            # a prompt set may carry its own weights (RewardInput.meta["reward_weights"], e.g. rule
+            # rewards for reasoning prompts and the reward model for the rest of one batch)
+            weights = x.meta.get("reward_weights") or self.config.weights
+            score = sum(weights.get(name, 0.0) * components[name] for name in self.verifiers)
             if "accuracy" in reasons:
                 reason = reasons["accuracy"]
             else:

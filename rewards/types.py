@@ -17,6 +17,8 @@ class RewardInput:
     tests: list[dict[str, Any]] | None = None
     """Code tasks: ``[{"stdin": ..., "expected": ...}]`` or ``[{"assert": ...}]`` (see rewards.code)."""
     meta: dict[str, Any] = field(default_factory=dict)
+    """``finish_reason``; ``reward_weights``: this input's verifier weights, replacing
+    ``RewardConfig.weights`` in its score (every configured verifier still runs and reports)."""
 
 
 @dataclass

@@ -185,7 +185,8 @@ class VllmEngine:
                     prompt_ids=list(pids), response_ids=ids, response_logprobs=lps,
                     weight_version=self.weight_version, finish_reason=str(c.finish_reason),
                     answer=rec.answer, task=rec.task,
-                    meta={"tests": rec.tests} if rec.tests else {}))
+                    meta={k: v for k, v in (("tests", rec.tests),
+                                            ("reward_weights", rec.meta.get("reward_weights"))) if v}))
         stats = {"time_generate_s": dt, "gen_tokens": ntok, "engine": self.engine_index}
         return samples, stats
 

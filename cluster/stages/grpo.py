@@ -37,7 +37,7 @@ def run(ctl, i, st, job) -> dict:
     rc, algo = job.rollout, job.algo
     model_path = ctl.input_model(i, st)
     tok = tokenizer(model_path)  # prompts that can never fit fail here, before any actor starts
-    train_set, _ = fit_prompts(ctl.records(job.data.train, "train", job, "data.train"), tok,
+    train_set, _ = fit_prompts(ctl.train_records(job), tok,
                                rc.template, rc.max_model_len, rc.max_tokens, "data.train")
     test = ctl.test_prompts(job, tok)
     # the engines load (the slowest start) while the learner loads

@@ -84,7 +84,7 @@ def sample_dataset(ctl, st, job, model_path: str, out: str) -> dict:
 
     rc = job.rollout
     tok = tokenizer(model_path)
-    records, _ = fit_prompts(ctl.records(job.data.train, "train", job, "data.train"), tok,
+    records, _ = fit_prompts(ctl.train_records(job), tok,
                              rc.template, rc.max_model_len, rc.max_tokens, "data.train")
     if st.num_prompts:
         records = records[:st.num_prompts]

@@ -4,8 +4,9 @@ RL stage has a learned reward beside the rule rewards (``reward.weights.reward_m
 ``reward.options.reward_model.path: {from_stage: <this stage>}``).
 
 Pairs come from ``data.pairs``: a rejection_sample stage (``{from_stage: NAME}``: chosen = a kept,
-verified-correct response; rejected = a response to the same prompt that the accuracy filter
-rejected) or a file with ``prompt``, ``chosen``, ``rejected`` columns. The text scored is
+verified-correct response; rejected = a response to the same prompt that a filter rejected:
+wrong, badly formatted, in another language, cut off; see PAIR_REASONS) or a file with
+``prompt``, ``chosen``, ``rejected`` columns. The text scored is
 ``prompt + response``, as ``rewards.reward_model.RewardModelScorer`` scores it in the reward pool.
 The model starts from the stage's input checkpoint (its LM head replaced by a one-logit score
 head). Pairs of ``heldout_fraction`` of the prompts (by hash) are held out: their pair accuracy is
@@ -34,12 +35,17 @@ def pair_accuracy(chosen, rejected) -> float:
     return float((chosen > rejected).float().mean()) if len(chosen) else 0.0
 
 
+PAIR_REASONS = ("accuracy", "format", "language", "truncated", "length")
+"""Rejected samples that make a pair's ``rejected`` side: a wrong answer, a broken format, the
+wrong language, a cut-off or out-of-bounds response (not duplicates or capped extras)."""
+
+
 def build_pairs(kept: list[dict], rejected: list[dict], max_per_prompt: int = 4) -> list[dict]:
-    """Pairs of one prompt's kept (correct) and accuracy-rejected (wrong) responses: up to
-    ``max_per_prompt`` per prompt, each response used about equally often."""
+    """Pairs of one prompt's kept (verified, well-formed) responses and its rejected ones
+    (PAIR_REASONS): up to ``max_per_prompt`` per prompt, each response used about equally often."""
     wrong: dict[str, list[dict]] = {}
     for r in rejected:
-        if r.get("reject_reason") == "accuracy":
+        if r.get("reject_reason") in PAIR_REASONS:
             wrong.setdefault(r["prompt_id"], []).append(r)
     right: dict[str, list[dict]] = {}
     for r in kept:

@@ -66,9 +66,12 @@ def test_pairs_join_correct_and_wrong_answers_of_one_prompt():
            [{"prompt_id": "q", "prompt": "Q", "solution": "c3"}]
     rejected = [{"prompt_id": "p", "prompt": "P", "solution": "w1", "reject_reason": "accuracy"},
                 {"prompt_id": "p", "prompt": "P", "solution": "f1", "reject_reason": "format"},
+                {"prompt_id": "p", "prompt": "P", "solution": "d1", "reject_reason": "duplicate"},
                 {"prompt_id": "r", "prompt": "R", "solution": "w2", "reject_reason": "accuracy"}]
     pairs = build_pairs(kept, rejected)
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("P", "c1", "w1"), ("P", "c2", "w1")]
+    # a duplicate of a kept answer is no worse than it: never the rejected side; prompts without a
+    # kept answer (r) or without a rejected one (q) make no pair
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("P", "c1", "w1"), ("P", "c2", "f1")]
     many = [{"prompt_id": str(i), "prompt": "x", "chosen": "a", "rejected": "b"} for i in range(400)]
     train, test = split(many, 0.25)
     assert len(train) + len(test) == 400 and 60 < len(test) < 140
@@ -126,3 +129,34 @@ def test_a_data_file_aha_cannot_use_fails_before_any_actor_starts(tmp_path, caps
         err = capsys.readouterr().err
         assert err.startswith("aha: bad config:") and re.search(message, err), err
         assert not (tmp_path / "demo" / "metrics.jsonl").exists()
+
+
+def test_prompt_sets_with_their_own_reward_weights(tmp_path):
+    from cluster.controller import Controller
+    from rewards import RewardConfig, build_scorer
+    from rewards.types import RewardInput
+
+    over = ["stages.5.data.train=[{source: arithmetic, reward_weights: {accuracy: 1.0, format: 0.1}},"
+            " {source: {from_stage: 2-rejection}, reward_weights: {reward_model: 1.0}}]"]
+    cfg = load_config(R1, [f"run.root={tmp_path}", *over])
+    with pytest.raises(ValueError, match=r"stages.5.data.train.1.reward_weights.language: not a verifier"):
+        load_config(R1, [over[0].replace("reward_model: 1.0", "language: 1.0")])
+    with pytest.raises(ValueError, match=r"stages.5.data.train.1.from_stage: stage '6-distill' is stage 6"):
+        load_config(R1, [over[0].replace("2-rejection", "6-distill")])
+    ctl = Controller(cfg)
+    ctl.outputs.update({"2-rejection": {"dataset": "/x/kept", "dataset_dir": "/x"}, "4-reward-model": {"checkpoint": "/rm"}})
+    assert ctl.resolve(5).data.train[1] == {"source": "/x/kept", "reward_weights": {"reward_model": 1.0}}
+    job = ctl.resolve(5)
+    job.data.train = job.data.train[:1] + ["arithmetic"]
+    recs = ctl.train_records(job)
+    assert {r.meta.get("reward_weights", {}).get("format") for r in recs} == {0.1, None}
+    assert len({r.id for r in recs}) == len(recs)  # ids stay unique across prompt sets
+    # the scorer weighs each input by its own set's weights
+    scorer = build_scorer(RewardConfig(weights={"accuracy": 1.0, "format": 0.5}, isolation="none"))
+    try:
+        good = " 7 </think> <answer> 7 </answer>"
+        a, b = scorer.score_batch([RewardInput(good, "7"),
+                                   RewardInput(good, "7", meta={"reward_weights": {"format": 1.0}})])
+    finally:
+        scorer.close()
+    assert (a.score, b.score) == (1.5, 1.0) and a.components == b.components
