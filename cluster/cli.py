@@ -34,7 +34,12 @@ def _train(config: str | None, overrides: list[str], address: str | None, resume
     with open(os.path.join(ctl.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     start_ray(cfg)
-    results = ctl.run()
+    try:
+        results = ctl.run()
+    except ValueError as e:  # a stage's own output cannot feed the next (e.g. nothing kept)
+        print(f"aha: {e}\naha: the finished stages are kept; fix the config and resume with --resume",
+              file=sys.stderr)
+        return 1
     from cluster.report import plot_curves, plot_stages, summary_markdown, summary_text, where_to_look
 
     rows = ctl.summary_rows()
@@ -110,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("run_dir", help="e.g. runs/demo")
     r.add_argument("--samples", type=int, default=3, help="trajectories to print (default 3)")
     sub.add_parser("sandbox", help="run a Python file in the code sandbox (see `aha sandbox -h`)")
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:  # overrides written after an option (`aha train C.yaml --resume key=value`)
+        a.overrides = [*getattr(a, "overrides", []), *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "train":
         return _train(a.config, a.overrides, a.address, a.resume)

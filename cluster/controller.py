@@ -327,8 +327,8 @@ class Controller:
                 self.pipeline.begin(i)
                 if st.type != "reward_model":
                     self.use_rewards(job.reward)
-                log.info("stage %s (%s, %d steps) from %s", st.name, st.type, st.steps,
-                         self.input_model(i, st))
+                log.info("stage %s (%s%s) from %s", st.name, st.type,
+                         f", {st.steps} steps" if st.type != "rejection_sample" else "", self.input_model(i, st))
                 outputs = RUNNERS[st.type](self, i, st, job)
                 self.outputs[st.name] = outputs
                 if st.type in POLICY_STAGES:

@@ -473,6 +473,12 @@ def report(run_dir: str, samples: int = 3) -> str:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"no run directory {run_dir!r}")
     out = [f"run {run_dir}", format_table(stage_table(run_dir))]
+    summary = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary):  # the job's end-of-run table (held-out numbers of every stage's model)
+        with open(summary) as f:
+            rows = json.load(f).get("stages")
+        if rows:
+            out.append("\n" + summary_text(rows))
     png = plot_curves(run_dir)
     out.append(f"\ncurves: {png}" if png else "\ncurves: nothing to plot yet (no metrics.jsonl rows)")
     if png:

@@ -17,6 +17,20 @@ def run(ctl, i, st, job) -> dict:
     return {"checkpoint": train(ctl, i, st, job, ctl.input_model(i, st), records)}
 
 
+def sft_samples(records: list[PromptRecord], tok, template: str) -> list[Sample]:
+    """The records with a solution, rendered and tokenized once by ``tok`` (the trained model's
+    own tokenizer: text in, that model's ids out; no ids from another model are reused)."""
+    out = []
+    for r in records:
+        if r.solution:
+            p = render(template, r.question, tok)
+            resp = encode_target(tok, r.solution)
+            out.append(Sample(prompt_id=r.id, group_index=0, prompt=p, response=r.solution,
+                              prompt_ids=encode_prompt(tok, p), response_ids=resp,
+                              response_logprobs=[0.0] * len(resp), weight_version=-1, answer=r.answer))
+    return out
+
+
 def train(ctl, i, st, job, model_path: str, records: list[PromptRecord]) -> str:
     """``st.steps`` steps of ``st.batch_size`` sequences from ``records`` (shuffled, cycled);
     saves, evaluates and returns the checkpoint."""
@@ -25,16 +39,7 @@ def train(ctl, i, st, job, model_path: str, records: list[PromptRecord]) -> str:
     from actors.learner import LearnerGroup
     from cluster.controller import cycle, tokenizer
 
-    tok = tokenizer(model_path)
-    samples = []  # rendered and tokenized once; steps draw from them
-    for r in records:
-        if r.solution:
-            p = render(job.rollout.template, r.question, tok)
-            resp = encode_target(tok, r.solution)
-            samples.append(Sample(prompt_id=r.id, group_index=0, prompt=p, response=r.solution,
-                                  prompt_ids=encode_prompt(tok, p), response_ids=resp,
-                                  response_logprobs=[0.0] * len(resp), weight_version=-1,
-                                  answer=r.answer))
+    samples = sft_samples(records, tokenizer(model_path), job.rollout.template)
     if not samples:
         raise ValueError(f"stage {st.name}: its data has no 'solution' text to train on")
     learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), 1.0, job.run.learner_cpus,

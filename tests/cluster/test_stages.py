@@ -81,7 +81,7 @@ def test_pairs_join_correct_and_wrong_answers_of_one_prompt():
 def test_stage_references_and_overrides_resolve():
     cfg = load_config(R1)
     final = cfg.for_stage(5)
-    assert final.reward.weights == {"accuracy": 1.0, "format": 0.1, "reward_model": 0.2}  # replaced whole
+    assert final.reward.weights == {"accuracy": 1.0, "format": 0.1, "reward_model": 1.0}  # replaced whole
     assert final.rollout == cfg.rollout and cfg.reward.weights == {"accuracy": 1.0, "format": 0.1}
     merged = load_config(R1, ["stages.5.rollout={temperature: 0.7}"]).for_stage(5).rollout
     assert merged.temperature == 0.7 and merged.max_tokens == cfg.rollout.max_tokens  # merged key by key
@@ -160,3 +160,20 @@ def test_prompt_sets_with_their_own_reward_weights(tmp_path):
     finally:
         scorer.close()
     assert (a.score, b.score) == (1.5, 1.0) and a.components == b.components
+
+
+def test_a_student_with_another_tokenizer_is_trained_on_its_own_ids():
+    """Distillation hands text from teacher to student: the student's tokenizer re-tokenizes it."""
+    from cluster.stages.sft import sft_samples
+    from rollout.datasets import PromptRecord
+    from rollout.tiny import build_tokenizer
+
+    teacher = build_tokenizer()
+    student = build_tokenizer()
+    student.add_tokens(["plus", " is"])  # another vocabulary: whole words are single tokens
+    rec = PromptRecord(id="p", question="What is 3 + 4?", answer="7",
+                       solution=" 3 plus 4 is 7 </think> <answer> 7 </answer>")
+    (a,), (b,) = sft_samples([rec], teacher, "r1_zero_compact"), sft_samples([rec], student, "r1_zero_compact")
+    assert a.response_ids != b.response_ids and len(b.response_ids) < len(a.response_ids)
+    assert student.decode(b.response_ids[:-1]) == rec.solution  # all but the EOS
+    assert b.response_ids[-1] == student.eos_token_id
