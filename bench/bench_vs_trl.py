@@ -304,8 +304,9 @@ def aha_child(out: str, overrides: list[str]) -> int:
         timed(aro.RolloutPool, "wait_ready", "rollout pool: wait for the vLLM engine")
     timed(aw.WeightSync, "__init__", "weight-sync group setup")
     timed(cc.Controller, "model_path", "model path")
-    timed(cc, "_tokenizer", "driver: AutoTokenizer.from_pretrained")
-    timed(cc, "fit_prompts", "driver: fit_prompts (tokenize every prompt)")
+    import cluster.stages.grpo as cg
+    timed(cc, "tokenizer", "driver: AutoTokenizer.from_pretrained")
+    timed(cg, "fit_prompts", "driver: fit_prompts (tokenize every prompt)")
     step_ends: list[float] = []
     threads_at_step: list = []
     orig_metrics = cm.RunLogger.metrics
