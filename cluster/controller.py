@@ -329,7 +329,11 @@ class Controller:
                     self.use_rewards(job.reward)
                 log.info("stage %s (%s%s) from %s", st.name, st.type,
                          f", {st.steps} steps" if st.type != "rejection_sample" else "", self.input_model(i, st))
-                outputs = RUNNERS[st.type](self, i, st, job)
+                try:
+                    outputs = RUNNERS[st.type](self, i, st, job)
+                except BaseException as e:  # recorded for whoever looks; --resume redoes the stage
+                    self.pipeline.fail(i, f"{type(e).__name__}: {e}")
+                    raise
                 self.outputs[st.name] = outputs
                 if st.type in POLICY_STAGES:
                     self.last_policy = outputs["checkpoint"]

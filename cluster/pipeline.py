@@ -6,8 +6,8 @@
 - A stage's outputs (checkpoint, dataset) are written under a temporary name and renamed when
   complete, with a ``manifest.json`` holding the stage hash (:func:`commit`): a half-written
   stage is never taken for a finished one.
-- ``pipeline.json`` records each stage's status (``running`` / ``done``), outputs, results and the
-  job-wide step at its end. :meth:`Pipeline.plan` decides, on resume, which stages are finished
+- ``pipeline.json`` records each stage's status (``running`` / ``done`` / ``failed`` with the
+  error), outputs, results and the job-wide step at its end. :meth:`Pipeline.plan` decides, on resume, which stages are finished
   (status done, manifests present, hash unchanged) and refuses, naming what changed, when a
   finished stage's config is no longer the one it ran with.
 """
@@ -120,6 +120,11 @@ class Pipeline:
         rec = self.state["stages"][self.cfg.stages[i].name]
         rec.update(status="done", outputs=outputs, results=results, global_step=global_step,
                    committed=committed, samples=samples, finished=time.time())
+        self._write()
+
+    def fail(self, i: int, error: str) -> None:
+        self.state["stages"][self.cfg.stages[i].name].update(status="failed", error=error[:2000],
+                                                             finished=time.time())
         self._write()
 
     def manifest(self, i: int) -> dict:

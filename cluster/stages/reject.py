@@ -102,12 +102,6 @@ def sample_dataset(ctl, st, job, model_path: str, out: str) -> dict:
     summary = {"prompts": len(records), "samples": len(samples), "kept": len(kept),
                "prompts_with_kept": len({s.prompt_id for s in kept}),
                **{f"rejected_{r}": reasons.get(r, 0) for r in REASONS}}
-    if not kept:
-        top = reasons.most_common(1)[0] if reasons else ("none", 0)
-        raise ValueError(f"stage {st.name} kept 0 of {len(samples)} samples: rejected by "
-                         f"{dict(reasons)}; most by the '{top[0]}' filter (stages.{ctl.index(st)}.filters"
-                         f"{'' if top[0] in ('aborted', 'truncated', 'duplicate') else '.' + _filter_key(top[0])}"
-                         "); loosen it, sample more (samples_per_prompt) or train the input model longer")
 
     def rows(items):
         out_rows = []
@@ -128,6 +122,13 @@ def sample_dataset(ctl, st, job, model_path: str, out: str) -> dict:
         pq.write_table(table, os.path.join(out, name, "part-00000.parquet"))
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
+    if not kept:
+        top = reasons.most_common(1)[0] if reasons else ("none", 0)
+        raise ValueError(f"stage {st.name} kept 0 of {len(samples)} samples: rejected by "
+                         f"{dict(reasons)}; most by the '{top[0]}' filter (stages.{ctl.index(st)}.filters"
+                         f"{'' if top[0] in ('aborted', 'truncated', 'duplicate') else '.' + _filter_key(top[0])}"
+                         "); loosen it, sample more (samples_per_prompt) or train the input model longer; "
+                         f"the rejected samples are in {os.path.join(out, 'rejected')}")
     ctl.logger.metrics({"stage": st.name, "step": 0, **{f"rs_{k}": v for k, v in summary.items()},
                         **ctl.timer.pop()}, ctl.global_step)
     log.info("stage %s kept %d of %d samples (%d of %d prompts): %s", st.name, len(kept),

@@ -71,3 +71,16 @@ def test_forget_drops_the_rows_and_files_of_stages_that_run_again(tmp_path):
     assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] == rows[:1]
     assert (run / "eval.jsonl").read_text() == ""
     assert sorted(os.listdir(run / "trajectories")) == ["a"] and os.listdir(run / "checkpoints") == ["a"]
+
+
+def test_a_failed_stage_is_recorded_and_runs_again(tmp_path):
+    run_dir = str(tmp_path)
+    cfg = load_config(R1, [f"run.root={tmp_path}"])
+    pipe = Pipeline(run_dir, cfg)
+    finish(pipe, 0, run_dir, "0-cold-start")
+    pipe.begin(1)
+    pipe.fail(1, "ValueError: stage 1 kept 0 of 8 samples")
+    state = json.load(open(os.path.join(run_dir, "pipeline.json")))
+    assert state["stages"]["1-reasoning-rl"]["status"] == "failed"
+    assert "kept 0" in state["stages"]["1-reasoning-rl"]["error"]
+    assert [p is not None for p in Pipeline(run_dir, cfg).plan()][:2] == [True, False]
