@@ -187,7 +187,8 @@ class RunConfig:
     timeout_s: float = 900.0
     """Longest any single actor call may take before the job stops with an error."""
     if_exists: str = "error"
-    """When ``<root>/<name>`` already holds a run (a metrics.jsonl): ``error`` (stop before any
+    """When ``<root>/<name>`` already holds a run (metrics.jsonl or pipeline.json) and the job is
+    not resumed (``--resume``): ``error`` (stop before any
     actor starts), ``overwrite`` (delete it first) or ``new`` (use ``<name>-2``, ``-3``, ...)."""
 
 
