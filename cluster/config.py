@@ -188,8 +188,8 @@ class RunConfig:
     """Longest any single actor call may take before the job stops with an error."""
     if_exists: str = "error"
     """When ``<root>/<name>`` already holds a run (metrics.jsonl or pipeline.json) and the job is
-    not resumed (``--resume``): ``error`` (stop before any
-    actor starts), ``overwrite`` (delete it first) or ``new`` (use ``<name>-2``, ``-3``, ...)."""
+    not resumed (``--resume``): ``error`` (stop before any actor starts), ``overwrite`` (delete it
+    first) or ``new`` (use ``<name>-2``, ``-3``, ...)."""
 
 
 @dataclass
