@@ -284,10 +284,11 @@ class JobConfig:
                                  "the tiny model's tokenizer cannot spell: set model.tiny.extra_chars: "
                                  f"{GREEK_CHARS!r}")
         if self.data.columns:
-            bad = set(self.data.columns) - {"id", "question", "answer", "task", "tests", "solution"}
+            from rollout.datasets import FIELDS
+            bad = set(self.data.columns) - set(FIELDS)
             if bad:
                 raise ValueError(f"{p}data.columns: unknown field(s) {', '.join(sorted(bad))}; fields: "
-                                 "id, question, answer, task, tests, solution")
+                                 f"{', '.join(FIELDS)}")
 
     def _check_stage(self, i: int, st: StageConfig, names: dict[str, int]) -> None:
         p = f"stages.{i}."
@@ -317,7 +318,7 @@ class JobConfig:
                              "or {from_stage: NAME})")
         for key in DATA_USED[st.type]:
             src, where = getattr(job.data, key), f"{p}data.{key}"
-            kinds = "rejection_sample" if key == "pairs" else DATASET_STAGES
+            kinds = ("rejection_sample",) if key == "pairs" else DATASET_STAGES
             if isinstance(src, list) and key == "train":
                 if not src:
                     raise ValueError(f"{where} is an empty list: name at least one prompt set")
@@ -371,7 +372,6 @@ class JobConfig:
         if isinstance(src, dict) and "from_stage" in src:
             if set(src) - {"from_stage"}:
                 raise ValueError(f"{where}: {{from_stage: NAME}} takes no other keys, got {src!r}")
-            kinds = (kinds,) if isinstance(kinds, str) else kinds
             self._ref(f"{where}.from_stage", src["from_stage"], i, names, kinds, "a dataset")
         elif isinstance(src, str):
             if src not in ("", "arithmetic") and not os.path.exists(src):

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-from collections import Counter
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -28,7 +27,6 @@ from cluster.metrics import PhaseTimer, RunLogger
 from cluster.pipeline import Pipeline, commit, forget, tmp_path
 from rollout.datasets import (PromptRecord, arithmetic, fit_prompts, load_prompts,
                               overlapping_questions)
-from rollout.types import Sample
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +62,6 @@ def cycle(records: list, seed: int) -> Iterator:
     while True:
         rng.shuffle(order)
         yield from order
-
-
-def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:
-    n = max(len(samples), 1)
-    comps: dict[str, float] = {}
-    for s in samples:
-        for k, v in s.reward_components.items():
-            comps[k] = comps.get(k, 0.0) + v
-    stale = [learner_version - s.weight_version for s in samples]
-    reasons = Counter(s.reward_reason for s in samples)
-    out = {
-        "reward_mean": sum(s.reward for s in samples) / n,
-        "accuracy_mean": comps.get("accuracy", 0.0) / n,
-        "format_mean": comps.get("format", 0.0) / n,
-        "response_len_mean": sum(len(s.response_ids) for s in samples) / n,
-        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
-        "staleness_mean": sum(stale) / n,
-        "staleness_max": max(stale, default=0),
-        "reflection_words_mean": sum(s.meta.get("reward_metrics", {}).get("reflection_words", 0)
-                                     for s in samples) / n,
-    }
-    for k, v in comps.items():
-        out.setdefault(f"{k}_mean", v / n)
-    for r, c in reasons.items():
-        out[f"reward_reason/{r}"] = c
-    return out
 
 
 class Controller:
@@ -210,8 +182,6 @@ class Controller:
     def preflight(self) -> None:
         """Load and check every data source every stage reads, before any actor starts (a stage's
         own output is checked when it is written)."""
-        from cluster.stages.reward_model import load_pairs
-
         for i, st in enumerate(self.cfg.stages):
             if self.plan[i] is not None:
                 continue
@@ -220,7 +190,7 @@ class Controller:
             for key in DATA_USED[st.type]:
                 srcs = getattr(job.data, key)
                 for src in srcs if isinstance(srcs, list) else [srcs]:
-                    self._preflight_source(p, key, src, job, load_pairs)
+                    self._preflight_source(p, key, src, job)
             if st.type == "grpo" and "arithmetic" not in (job.data.train, job.data.test) \
                     and all(isinstance(s, str) for s in (job.data.train, job.data.test)):
                 shared = overlapping_questions(self.records(job.data.train, "train", job),
@@ -229,7 +199,9 @@ class Controller:
                     log.warning("data.test: %d question(s) also in data.train (held-out scores on them "
                                 "are not held out), e.g. %r", len(shared), shared[0][:200])
 
-    def _preflight_source(self, p: str, key: str, src: Any, job: JobConfig, load_pairs) -> None:
+    def _preflight_source(self, p: str, key: str, src: Any, job: JobConfig) -> None:
+        from cluster.stages.reward_model import load_pairs
+
         if isinstance(src, dict) and "source" in src:
             src = src["source"]
         if not isinstance(src, str) or src == "":
@@ -250,20 +222,14 @@ class Controller:
     def dataset_dir(self, name: str) -> str:
         return os.path.abspath(os.path.join(self.run_dir, "datasets", name))
 
-    def tmp_for(self, final: str) -> str:
-        return tmp_path(final)
-
     def commit(self, i: int, tmp: str, final: str) -> str:
         self._committed.setdefault(i, []).append(final)
         return commit(tmp, final, self.pipeline.manifest(i))
 
     def save(self, i: int, learners, tag: str) -> str:
         final = self.checkpoint_dir(tag)
-        learners.save_hf(self.tmp_for(final))
-        return self.commit(i, self.tmp_for(final), final)
-
-    def index(self, st: StageConfig) -> int:
-        return self.cfg.stages.index(st)
+        learners.save_hf(tmp_path(final))
+        return self.commit(i, tmp_path(final), final)
 
     # ---- shared pieces ------------------------------------------------------------------------
     def learner_cfg(self, st: StageConfig, job: JobConfig | None = None):
@@ -275,8 +241,6 @@ class Controller:
             alone = st.type != "grpo" or job.algo.max_staleness == 0
             cfg = replace(cfg, threads=-1 if alone and cfg.num_actors == 1 and cfg.gpus_per_actor == 0 else 0)
         return cfg
-
-    _learner_cfg = learner_cfg
 
     def use_rewards(self, rc) -> None:
         """The reward pool, (re)started when the stage's reward config differs from the running one."""

@@ -34,9 +34,7 @@ def hashed_config(cfg) -> dict:
 
 
 def stage_hash(cfg_dict: dict, i: int) -> str:
-    body = {k: v for k, v in cfg_dict.items() if k != "stages"}
-    body["stages"] = cfg_dict["stages"][:i + 1]
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_upto(cfg_dict, i), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def diff(old: Any, new: Any, where: str = "") -> list[str]:

@@ -146,11 +146,12 @@ def _smooth(ys: list[float], frac: float = 0.05) -> tuple[list[float], int]:
     h = int(round(len(ys) * frac)) // 2
     if h < 1:
         return list(ys), 1
-    out = []
-    for i in range(len(ys)):
-        win = ys[max(0, i - h):i + h + 1]
-        out.append(sum(win) / len(win))
-    return out, 2 * h + 1
+    return _moving_mean(ys, h), 2 * h + 1
+
+
+def _moving_mean(ys: list[float], h: int) -> list[float]:
+    """Mean of each point and up to ``h`` neighbours on either side (centred: it does not lag)."""
+    return [sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1]) for i in range(len(ys))]
 
 
 def _stage_colours(plt, rows: list[dict], evals: list[dict]) -> dict:
@@ -212,10 +213,7 @@ def plot_curves(run_dir: str, out: str | None = None) -> str | None:
                 w = max(1, len(ys) // 15)  # a moving mean over the raw, noisy per-step values
                 if w > 1:
                     ax.plot(xs, ys, color=colours[stage], lw=0.8, alpha=0.3)
-                    h = w // 2  # centred, so the mean does not lag the raw values
-                    smooth = [sum(ys[max(0, i - h):i + h + 1]) / len(ys[max(0, i - h):i + h + 1])
-                              for i in range(len(ys))]
-                    ax.plot(xs, smooth, color=colours[stage], label=f"{stage} (mean of {w})", lw=1.5)
+                    ax.plot(xs, _moving_mean(ys, w // 2), color=colours[stage], label=f"{stage} (mean of {w})", lw=1.5)
                 else:
                     ax.plot(xs, ys, color=colours[stage], label=stage, lw=1.2)
         ax.set_title(title, fontsize=10)

@@ -264,15 +264,20 @@ def _columns(rows):
     return list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r)), rows
 
 
-def read_rows(path: str) -> list[dict]:
-    """The rows of any of ``FORMATS`` as plain dicts (no record checks; e.g. preference pairs)."""
+def _read_or_explain(path: str, question_cols: tuple[str, ...]):
+    """:func:`_read`, with a file that cannot be parsed reported as ValueError naming it."""
     try:
-        _, rows = _read(os.fspath(path), _DEFAULTS["question"])
+        return _read(path, question_cols)
     except Exception as e:
-        import pyarrow as pa
+        import pyarrow as pa  # ArrowInvalid: a corrupt or non-Parquet file, mismatched shards...
         if isinstance(e, (OSError, UnicodeDecodeError, json.JSONDecodeError, pa.ArrowException)):
             raise ValueError(f"{_where(path)}: cannot read: {e}") from e
         raise
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of any of ``FORMATS`` as plain dicts (no record checks; e.g. preference pairs)."""
+    _, rows = _read_or_explain(os.fspath(path), _DEFAULTS["question"])
     return [r for r in (rows if isinstance(rows, list) else rows.to_pylist()) if isinstance(r, dict)]
 
 
@@ -298,13 +303,7 @@ def load_prompts(path: str, columns: dict[str, str] | None = None
             raise ValueError(f"data.columns.{k}: expected a column name, got {v!r}")
     where = _where(path)
     question_cols = (columns["question"],) if "question" in columns else _DEFAULTS["question"]
-    try:
-        names, rows = _read(path, question_cols)
-    except Exception as e:
-        import pyarrow as pa  # ArrowInvalid: a corrupt or non-Parquet file, mismatched shards...
-        if isinstance(e, (OSError, UnicodeDecodeError, json.JSONDecodeError, pa.ArrowException)):
-            raise ValueError(f"{where}: cannot read: {e}") from e
-        raise
+    names, rows = _read_or_explain(path, question_cols)
     for f, c in columns.items():
         if c not in names:
             raise ValueError(f"{where}: column {c!r} (data.columns.{f}) not found; "

@@ -8,8 +8,6 @@ stage's output.
 """
 from __future__ import annotations
 
-import os
-
 from cluster.stages import reject, sft
 
 
@@ -17,12 +15,7 @@ def run(ctl, i, st, job) -> dict:
     from cluster.config import ModelConfig, _build
     from rollout.datasets import load_prompts
 
-    final = ctl.dataset_dir(st.name)
-    summary = reject.sample_dataset(ctl, st, job, ctl.input_model(i, st), ctl.tmp_for(final))
-    ctl.commit(i, ctl.tmp_for(final), final)
-    ctl.results.setdefault(st.name, {})["rejection"] = summary
-    kept = os.path.join(final, "kept")
+    data = reject.write_dataset(ctl, i, st, job)
     student = ctl.base_model(_build(ModelConfig, st.student, f"stages.{i}.student"), f"student-{st.name}")
-    records, _ = load_prompts(kept)
-    return {"checkpoint": sft.train(ctl, i, st, job, student, records), "dataset": kept,
-            "dataset_dir": final}
+    records, _ = load_prompts(data["dataset"])
+    return {"checkpoint": sft.train(ctl, i, st, job, student, records), **data}

@@ -24,15 +24,41 @@ from actors.weight_sync import WeightSync
 from cluster.metrics import summary_line
 from learner.shaping import prepare_step
 from rollout.datasets import fit_prompts
-from rollout.types import to_arrow
+from rollout.types import Sample, to_arrow
 
 log = logging.getLogger(__name__)
+
+
+def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, float]:
+    n = max(len(samples), 1)
+    comps: dict[str, float] = {}
+    for s in samples:
+        for k, v in s.reward_components.items():
+            comps[k] = comps.get(k, 0.0) + v
+    stale = [learner_version - s.weight_version for s in samples]
+    reasons = Counter(s.reward_reason for s in samples)
+    out = {
+        "reward_mean": sum(s.reward for s in samples) / n,
+        "accuracy_mean": comps.get("accuracy", 0.0) / n,
+        "format_mean": comps.get("format", 0.0) / n,
+        "response_len_mean": sum(len(s.response_ids) for s in samples) / n,
+        "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
+        "staleness_mean": sum(stale) / n,
+        "staleness_max": max(stale, default=0),
+        "reflection_words_mean": sum(s.meta.get("reward_metrics", {}).get("reflection_words", 0)
+                                     for s in samples) / n,
+    }
+    for k, v in comps.items():
+        out.setdefault(f"{k}_mean", v / n)
+    for r, c in reasons.items():
+        out[f"reward_reason/{r}"] = c
+    return out
 
 
 def run(ctl, i, st, job) -> dict:
     from tqdm import tqdm
 
-    from cluster.controller import cycle, rollout_metrics, tokenizer
+    from cluster.controller import cycle, tokenizer
 
     rc, algo = job.rollout, job.algo
     model_path = ctl.input_model(i, st)
@@ -93,8 +119,7 @@ def run(ctl, i, st, job) -> dict:
             # logging is the controller's own overhead: untimed, it shows in the next step as
             # time_step_s minus the phases above
             ctl.global_step += 1
-            row = step_row(ctl, st, step + 1, version, samples, train, info, stream, sync_stats,
-                           rollout_metrics)
+            row = step_row(ctl, st, step + 1, version, samples, train, info, stream, sync_stats)
             row.update({"zero_variance_groups": shaping["zero_variance_groups"],
                         "loss_samples": len(loss_samples),
                         **{f"samples_{k}": v for k, v in shaping.items() if k.startswith("masked_")},
@@ -125,7 +150,7 @@ def run(ctl, i, st, job) -> dict:
     return {"checkpoint": out}
 
 
-def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats, rollout_metrics) -> dict:
+def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats) -> dict:
     reqs = info["requests"]
     gen_time = sum(r.get("time_generate_s", 0.0) for r in reqs)
     gen_tokens = sum(r.get("gen_tokens", 0) for r in reqs)

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import replace
 
 from cluster.config import FilterConfig
+from cluster.pipeline import tmp_path
 from rollout.types import Sample
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,21 @@ def filter_samples(samples: list[Sample], f: FilterConfig, language: str = "en"
 
 
 def run(ctl, i, st, job) -> dict:
+    return write_dataset(ctl, i, st, job)
+
+
+def write_dataset(ctl, i, st, job) -> dict:
+    """Sample from the stage's input checkpoint into ``datasets/<stage>/`` (written under a
+    temporary name, then committed); the summary goes to the stage's results. Returns the
+    ``dataset`` (kept) and ``dataset_dir`` outputs."""
     final = ctl.dataset_dir(st.name)
-    summary = sample_dataset(ctl, st, job, ctl.input_model(i, st), ctl.tmp_for(final))
-    ctl.commit(i, ctl.tmp_for(final), final)
+    summary = sample_dataset(ctl, i, st, job, ctl.input_model(i, st), tmp_path(final))
+    ctl.commit(i, tmp_path(final), final)
     ctl.results.setdefault(st.name, {})["rejection"] = summary
     return {"dataset": os.path.join(final, "kept"), "dataset_dir": final}
 
 
-def sample_dataset(ctl, st, job, model_path: str, out: str) -> dict:
+def sample_dataset(ctl, i, st, job, model_path: str, out: str) -> dict:
     """Generate, score, filter and write ``out/{kept,rejected}/part-00000.parquet`` and
     ``out/summary.json``; returns the summary row. Raises when nothing is kept, naming the filter
     that rejected the most."""
@@ -125,7 +133,7 @@ def sample_dataset(ctl, st, job, model_path: str, out: str) -> dict:
     if not kept:
         top = reasons.most_common(1)[0] if reasons else ("none", 0)
         raise ValueError(f"stage {st.name} kept 0 of {len(samples)} samples: rejected by "
-                         f"{dict(reasons)}; most by the '{top[0]}' filter (stages.{ctl.index(st)}.filters"
+                         f"{dict(reasons)}; most by the '{top[0]}' filter (stages.{i}.filters"
                          f"{'' if top[0] in ('aborted', 'truncated', 'duplicate') else '.' + _filter_key(top[0])}"
                          "); loosen it, sample more (samples_per_prompt) or train the input model longer; "
                          f"the rejected samples are in {os.path.join(out, 'rejected')}")

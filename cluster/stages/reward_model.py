@@ -110,13 +110,14 @@ def train_reward_model(base: str, train: list[dict], test: list[dict], steps: in
         return both[:len(batch)], both[len(batch):]
 
     def heldout() -> dict:
+        if not test:
+            return {"pair_accuracy": 0.0, "loss": 0.0, "pairs": 0}
         model.eval()
         with torch.inference_mode():
-            c, r = (torch.cat(x) for x in zip(*(batch_scores(test[i:i + 64]) for i in range(0, len(test), 64)))) \
-                if test else (torch.zeros(0), torch.zeros(0))
+            chosen, rejected = zip(*(batch_scores(test[i:i + 64]) for i in range(0, len(test), 64)))
+            c, r = torch.cat(chosen), torch.cat(rejected)
         model.train()
-        return {"pair_accuracy": pair_accuracy(c, r), "loss": float(bradley_terry_loss(c, r)) if len(c) else 0.0,
-                "pairs": len(test)}
+        return {"pair_accuracy": pair_accuracy(c, r), "loss": float(bradley_terry_loss(c, r)), "pairs": len(test)}
 
     start = heldout()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -145,6 +146,7 @@ def train_reward_model(base: str, train: list[dict], test: list[dict], steps: in
 
 def run(ctl, i, st, job) -> dict:
     from actors.common import get_all
+    from cluster.pipeline import tmp_path
 
     pairs = load_pairs(job.data.pairs)
     train, test = split(pairs, st.heldout_fraction)
@@ -153,7 +155,7 @@ def run(ctl, i, st, job) -> dict:
                          f"({len(pairs)} pairs, {len(test)} held out): the rejection stage needs "
                          "prompts with both a correct and a wrong answer (sample more per prompt)")
     final = ctl.checkpoint_dir(st.name)
-    tmp = ctl.tmp_for(final)
+    tmp = tmp_path(final)
     threads = job.learner.threads if job.learner.threads > 0 else (os.cpu_count() or 1)
     with ctl.timer("train"):
         res = get_all([train_reward_model.options(num_cpus=job.run.learner_cpus).remote(

@@ -119,5 +119,5 @@ def test_sft_stages_load_no_reference_model(tmp_path):
 
     cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", "learner.loss.kl_coef=0.01"])
     ctl = Controller(cfg)
-    assert ctl._learner_cfg(cfg.stages[0]).loss.kl_coef == 0.0  # sft
-    assert ctl._learner_cfg(cfg.stages[1]).loss.kl_coef == 0.01  # grpo keeps its KL
+    assert ctl.learner_cfg(cfg.stages[0]).loss.kl_coef == 0.0  # sft
+    assert ctl.learner_cfg(cfg.stages[1]).loss.kl_coef == 0.01  # grpo keeps its KL
