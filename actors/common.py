@@ -66,6 +66,18 @@ def ref_error(ref: ray.ObjectRef) -> BaseException | None:
     return None
 
 
+def use_cluster_token() -> None:
+    """Before ``ray.init(address=HOST:PORT)``: `ray start --head` turns token authentication on
+    when ``~/.ray/auth_token`` exists, but a driver joining by address only sends the token once
+    RAY_AUTH_MODE says so (Ray 2.60; ``address="auto"`` does this itself). Ray's own helper."""
+    try:
+        from ray._private.authentication.authentication_token_setup import \
+            maybe_enable_token_auth_if_token_available
+    except ImportError:  # another Ray: nothing to do
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def free_port() -> tuple[str, int]:
     """An address of this node and a free TCP port on it (for a rendezvous store)."""
     from rollout.weights import free_tcp_port

@@ -150,10 +150,11 @@ class LearnerGroup:
     """``cfg.num_actors`` data-parallel learner actors; rank 0 answers for the group."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, temperature: float,
-                 num_cpus: float = 1.0, timeout_s: float = 600.0):
+                 num_cpus: float = 1.0, timeout_s: float = 600.0, resources: dict | None = None):
         self.cfg, self.timeout_s = cfg, timeout_s
         master = free_port() if cfg.num_actors > 1 else None
-        self.actors = [LearnerActor.options(num_cpus=num_cpus, num_gpus=cfg.gpus_per_actor).remote(
+        self.actors = [LearnerActor.options(num_cpus=num_cpus, num_gpus=cfg.gpus_per_actor,
+                                            resources=dict(resources or {})).remote(
             model_path, cfg, temperature, r, cfg.num_actors, master, timeout_s)
             for r in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "learner start", timeout_s)

@@ -57,14 +57,16 @@ class RewardPool:
     """``cfg.num_actors`` stateless reward actors, used round-robin. A dead one is replaced
     (:meth:`restart`); its lost batch is the caller's to resubmit (the stream retries it once)."""
 
-    def __init__(self, cfg: RewardConfig, num_cpus: float = 1.0, start_timeout_s: float = 300.0):
+    def __init__(self, cfg: RewardConfig, num_cpus: float = 1.0, start_timeout_s: float = 300.0,
+                 resources: dict | None = None):
         self.cfg, self.num_cpus, self.timeout_s = cfg, num_cpus, start_timeout_s
+        self.resources = dict(resources or {})
         self.actors = [self._start(i) for i in range(cfg.num_actors)]
         get_all([a.ready.remote() for a in self.actors], "reward actor start", start_timeout_s)
         self._rr = itertools.cycle(range(len(self.actors)))
 
     def _start(self, index: int):
-        return RewardActor.options(num_cpus=self.num_cpus).remote(self.cfg, index)
+        return RewardActor.options(num_cpus=self.num_cpus, resources=self.resources).remote(self.cfg, index)
 
     def async_score(self, rollout_ref) -> tuple["ray.ObjectRef", int]:
         """Chain scoring onto a pending rollout result; returns ``(scored ref, reward actor index)``
@@ -74,6 +76,8 @@ class RewardPool:
 
     def restart(self, index: int, why: str) -> None:
         """Replace reward actor ``index`` (stateless: nothing to restore) and wait until it is up."""
+        if index >= len(self.actors):
+            return  # scaled away; its batch is scored again by another actor
         log.error("reward actor %d died (%s); starting a replacement", index, why)
         try:
             ray.kill(self.actors[index])
@@ -81,6 +85,23 @@ class RewardPool:
             pass
         self.actors[index] = self._start(index)
         get_all([self.actors[index].ready.remote()], f"reward actor {index} restart", self.timeout_s)
+
+    def scale_to(self, n: int) -> dict:
+        """Grow or shrink the pool to ``n`` actors. A removed actor finishes the batches already
+        queued on it, then exits (Ray runs an actor's calls in order)."""
+        if n < 1:
+            raise ValueError(f"reward pool size must be >= 1, got {n}")
+        have = len(self.actors)
+        if n > have:
+            new = [self._start(i) for i in range(have, n)]
+            get_all([a.ready.remote() for a in new], "reward actor start", self.timeout_s)
+            self.actors += new
+        for a in self.actors[n:]:
+            a.shutdown.remote()
+            a.__ray_terminate__.remote()
+        self.actors = self.actors[:n]
+        self._rr = itertools.cycle(range(n))
+        return {"started": list(range(have, n)), "stopped": list(range(n, have))}
 
     def vote(self, groups: list) -> list[float]:
         """cons@k of each ``(answers, correctness)`` group, on one reward actor (its killable

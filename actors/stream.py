@@ -60,11 +60,16 @@ class Request:
 class RolloutStream:
     def __init__(self, rollouts: RolloutPool, rewards: RewardPool, prompts: Iterator[PromptRecord],
                  groups_per_step: int, max_staleness: int, timeout_s: float = 900.0,
-                 max_consecutive_failures: int = 8, total_takes: int | None = None):
+                 max_consecutive_failures: int = 8, total_takes: int | None = None,
+                 admit=None):
+        """``admit``: called when no engine serves but some are starting (a dead engine's
+        replacement); it gives them the current weights and puts them in service
+        (``WeightSync.admit``)."""
         self.rollouts, self.rewards, self.prompts = rollouts, rewards, prompts
         self.cfg = rollouts.cfg
         self.groups_per_step, self.max_staleness, self.timeout_s = groups_per_step, max_staleness, timeout_s
         self.max_consecutive_failures = max_consecutive_failures
+        self.admit = admit
         self.total_takes = total_takes  # the stage's steps: nothing is generated past the last one
         self.takes = 0
         self.engine_version = 0       # version every live engine holds (synced together)
@@ -93,6 +98,8 @@ class RolloutStream:
         """Start a request on every idle engine, for as many groups as the budget allows (split
         evenly over the idle engines, at most ``prompts_per_request`` each)."""
         busy = {r.engine for r in self.inflight.values()}
+        for idx in sorted(self.rollouts.retiring - busy):  # scaled down: stopped once idle
+            self.rollouts.stop(idx)
         idle = [(idx, actor) for idx, actor in self.rollouts.live() if idx not in busy]
         for k, (idx, actor) in enumerate(idle):
             budget = self.budget()
@@ -189,7 +196,7 @@ class RolloutStream:
                 continue
             self._failures_in_a_row = 0
             self._engine_failures[req.engine] = 0
-            self.gen_stats.append(result["stats"])
+            self.gen_stats.append({**result["stats"], "engine": req.engine})
             samples = from_arrow(result["batch"])
             self.counts["generated"] += len(samples)
             g = self.cfg.group_size
@@ -215,6 +222,9 @@ class RolloutStream:
             if len(self.ready) >= self.groups_per_step:
                 break
             self.fill()
+            if not self.inflight and self.admit is not None and self.rollouts.starting:
+                self.admit()  # every serving engine died: wait for the replacement, then serve
+                continue
             if not self.inflight:
                 raise RuntimeError("rollout stream stalled: nothing in flight and not enough samples "
                                    f"(ready={len(self.ready)}, need={self.groups_per_step})")

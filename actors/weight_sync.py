@@ -20,7 +20,7 @@ import time
 
 import ray
 
-from actors.common import get_all
+from actors.common import ActorCallError, get_all
 from actors.learner import LearnerGroup
 from actors.rollout import RayEngineEndpoint, RolloutPool
 from rollout.weights import GroupSpec
@@ -55,31 +55,43 @@ def check_placement(transport: str, learner_gpus: set, engine_gpus: list[set], l
 
 
 class WeightSync:
+    """``push(version)`` gives every serving engine, and every engine that has just started
+    (:meth:`RolloutPool.joiners`), the learner's current weights; the newcomers serve from then on.
+    A pool whose membership changed since the last push (scaled, or an engine died) gets a new
+    group first: a communicator's membership is fixed when it is made. An engine that dies during
+    a push is removed (and replaced, :meth:`RolloutPool.mark_dead`) and the push is redone for the
+    others; nothing waits on it past ``rollout.sync_timeout_s``."""
+
     def __init__(self, learners: LearnerGroup, rollouts: RolloutPool, timeout_s: float = 600.0):
-        self.learners, self.rollouts, self.timeout_s = learners, rollouts, timeout_s
+        self.learners, self.rollouts = learners, rollouts
         rc = rollouts.cfg
+        self.timeout_s = min(timeout_s, rc.sync_timeout_s)
         self.transport = rc.weight_transport
         self.bucket_bytes = rc.weight_bucket_mb << 20
         self.metas = None
+        self.version = 0  # what the serving engines hold
         self._members: list[int] = []
+        self.counts = {"group_rebuilds": 0, "retries": 0}
         if self.transport == "torch_dist":
-            self._init_group()
+            self._init_group(self._live())
         elif self.transport.startswith("vllm_"):
-            self._init_native()
+            self._init_native(self._live())
 
-    def _gpus(self) -> tuple[set, list[set]]:
+    def _live(self, extra: list[int] = ()) -> list[tuple[int, "ray.actor.ActorHandle"]]:
+        ids = sorted({i for i, _ in self.rollouts.live()} | set(extra))
+        return [(i, self.rollouts.actors[i]) for i in ids]
+
+    def _gpus(self, live) -> tuple[set, list[set]]:
         mine = set(ray.get(self.learners.rank0.gpu_ids.remote(), timeout=60))
-        theirs = [set(g) for g in get_all([a.gpu_ids.remote() for _, a in self.rollouts.live()],
-                                          "gpu ids", 60)]
+        theirs = [set(g) for g in get_all([a.gpu_ids.remote() for _, a in live], "gpu ids", 60)]
         return mine, theirs
 
-    def _init_group(self) -> None:
+    def _init_group(self, live) -> None:
         rc = self.rollouts.cfg
-        live = self.rollouts.live()
         host, port = ray.get(self.learners.rank0.free_port.remote(), timeout=60)
         # NCCL wherever vLLM's NCCL transfer could run too (learner and engines on GPUs, none
         # shared: NCCL cannot put two ranks on one GPU); otherwise gloo through host memory.
-        mine, theirs = self._gpus()
+        mine, theirs = self._gpus(live)
         gpu = check_placement("vllm_nccl", mine, theirs, len(self.learners.actors)) is None
         tp = self.rollouts.workers_per_engine()
         spec = GroupSpec(host, port, 1 + len(live) * tp, "nccl" if gpu else "gloo",
@@ -87,13 +99,13 @@ class WeightSync:
         wire = None if rc.dtype == "auto" else rc.dtype
         refs = [a.init_sender.remote(spec, self.bucket_bytes, wire) for a in self.learners.actors]
         refs += [a.init_weight_group.remote(spec, 1 + k * tp) for k, (_, a) in enumerate(live)]
-        self.metas = get_all(refs, "weight-sync group setup", self.timeout_s)[0]
+        self.metas = self._get(refs, live, "weight-sync group setup")[0]
         self._members = [i for i, _ in live]
-        log.info("weight sync: %s group of %d ranks at %s:%d", spec.backend, spec.world_size, host, port)
+        log.info("weight sync: %s group of %d ranks at %s:%d (engines %s)", spec.backend,
+                 spec.world_size, host, port, self._members)
 
-    def _init_native(self) -> None:
-        live = self.rollouts.live()
-        mine, theirs = self._gpus()
+    def _init_native(self, live) -> None:
+        mine, theirs = self._gpus(live)
         why = check_placement(self.transport, mine, theirs, len(self.learners.actors))
         if why:
             raise RuntimeError(f"rollout.weight_transport={self.transport}: {why}")
@@ -108,24 +120,97 @@ class WeightSync:
         self._members = [i for i, _ in live]
         log.info("weight sync: vLLM %s transfer to %d engine(s)", backend, len(live))
 
-    def push(self, version: int) -> dict[str, float]:
-        """Blocks until every live engine holds the learner's current weights (``version``)."""
+    def _get(self, refs: list, live, what: str) -> list:
+        """``get_all`` over the learners' refs then one ref per engine of ``live``. When an engine
+        died (or hung) the learner's side fails too (its peer closed the connection): once every
+        call settled, that is raised as :class:`EngineLost`; any other failure as it is."""
+        n = len(self.learners.actors)
+        try:
+            return get_all(refs, what, self.timeout_s)
+        except (ActorCallError, TimeoutError) as e:
+            lost = {}
+            if isinstance(e, TimeoutError):  # hung engines: stop them, so their peers fail too
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+                idx = {r: k for k, r in enumerate(refs)}
+                lost = {live[idx[r] - n][0]: e for r in pending if idx[r] >= n}
+                for i in lost:
+                    self.rollouts._kill(i)
+            # the survivors' calls fail (or finish) once the group's timeout passes at the latest
+            ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30)
+            # get_all cancelled the other calls: ask each engine whether it is still there
+            probes = {i: a.ready.remote() for i, a in live if i not in lost}
+            for i, ref in probes.items():
+                try:
+                    ray.get(ref, timeout=30)
+                except ray.exceptions.RayActorError as err:
+                    lost[i] = err
+                except Exception as err:  # noqa: BLE001 - no answer within 30 s: hung, stop it
+                    self.rollouts._kill(i)
+                    lost[i] = err
+            if not lost:
+                raise
+            raise EngineLost(lost) from e
+
+    def push(self, version: int, wait_for_new: bool = False) -> dict[str, float]:
+        """Blocks until every serving engine, and every newly started one, holds ``version``
+        (``wait_for_new``: also wait for engines still starting)."""
         t0 = time.time()
+        stats: dict[str, float] = {}
+        for attempt in range(1 + self.rollouts.cfg.max_replacements + 2):
+            new = self.rollouts.joiners(wait=wait_for_new)
+            live = self._live(new)
+            if not live:
+                raise RuntimeError("weight sync: no rollout engine is left to send weights to")
+            try:
+                stats = self._push(version, live)
+            except EngineLost as e:
+                self.counts["retries"] += 1
+                for i, err in e.lost.items():
+                    if i in new:
+                        new.remove(i)
+                        self.rollouts.counts["start_failed"] += 1
+                        log.error("rollout engine %d died before it served: %s", i, err)
+                    else:
+                        self.rollouts.mark_dead(i, f"died during weight sync: {type(err).__name__}")
+                self._members = []  # rebuild with the survivors
+                continue
+            self.rollouts.join(new)
+            break
+        else:
+            raise RuntimeError("weight sync: engines kept dying during the sync; stopping")
+        self.version = version
+        stats["sync_s"] = time.time() - t0
+        stats.update({f"sync_{k}": float(v) for k, v in self.counts.items()})
+        return stats
+
+    def admit(self) -> bool:
+        """Serve the engines that have started (or wait for those starting when none serves),
+        at the version the serving ones hold; returns whether any joined."""
+        if not self.rollouts.starting:
+            return False
+        before = len(self.rollouts.alive)
+        self.push(self.version, wait_for_new=not self.rollouts.alive)
+        return len(self.rollouts.alive) > before
+
+    def _push(self, version: int, live) -> dict[str, float]:
         if self.transport == "by_value":
             outs = get_all([a.weights_by_value.remote() for a in self.learners.actors],
                            "weight export", self.timeout_s)
             named, _ = outs[0]
             ref = ray.put(named)
-            get_all([a.load_weights.remote(ref, version) for _, a in self.rollouts.live()],
-                    "weight load", self.timeout_s)
-            return {"sync_s": time.time() - t0, "sync_bytes": float(sum(t.numel() * t.element_size()
-                                                                        for _, t in named))}
-        if [i for i, _ in self.rollouts.live()] != self._members:
-            # an engine died: rebuild the group / sender with the survivors
-            self._init_group() if self.transport == "torch_dist" else self._init_native()
+            self._get([a.load_weights.remote(ref, version) for _, a in live], live, "weight load")
+            return {"sync_bytes": float(sum(t.numel() * t.element_size() for _, t in named))}
+        if [i for i, _ in live] != self._members:
+            self.counts["group_rebuilds"] += 1
+            self._init_group(live) if self.transport == "torch_dist" else self._init_native(live)
         refs = [a.send_weights.remote() for a in self.learners.actors]
         if self.transport == "torch_dist":
-            refs += [a.receive_weights.remote(self.metas, self.bucket_bytes, version)
-                     for _, a in self.rollouts.live()]
-        out = get_all(refs, "weight sync", self.timeout_s)[0]
-        return {"sync_s": time.time() - t0, "sync_bytes": out["bytes"]}
+            refs += [a.receive_weights.remote(self.metas, self.bucket_bytes, version) for _, a in live]
+        out = self._get(refs, live, "weight sync")[0]
+        return {"sync_bytes": out["bytes"]}
+
+
+class EngineLost(Exception):
+    def __init__(self, lost: dict):
+        self.lost = lost
+        super().__init__(f"rollout engine(s) {sorted(lost)} lost during the weight sync")

@@ -175,7 +175,10 @@ class RunConfig:
     (RAY_ADDRESS in the environment also joins)."""
     dashboard: bool = True
     checkpoint_every: int = 0
-    """Save a Hugging Face checkpoint every N steps (0: end of each stage only)."""
+    """GRPO: write an in-stage checkpoint every N steps (0: none; ``aha stop`` writes one too):
+    learner weights, optimizer, reference and RNG states, the data cursor, step, weight version
+    and counters, in ``checkpoints/<stage>-state`` (the latest only; deleted when the stage ends,
+    which writes its Hugging Face checkpoint). ``--resume`` continues from it."""
     tensorboard: bool = True
     seed: int = 0
     """Master seed: added to data.seed, rollout.seed and learner.seed, and seeds the tiny model
@@ -184,6 +187,12 @@ class RunConfig:
     reward_cpus: float = 0.5
     learner_cpus: float = 1.0
     """Ray CPU resources per actor (fractions share cores on a laptop)."""
+    rollout_resources: dict = field(default_factory=dict)
+    reward_resources: dict = field(default_factory=dict)
+    learner_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each actor of the pool requires, which places it: a node started with
+    ``ray start --resources='{"rollout_node": 4}'`` takes the engines of
+    ``run.rollout_resources={rollout_node: 1}``. Empty: anywhere with the CPUs/GPUs."""
     timeout_s: float = 900.0
     """Longest any single actor call may take before the job stops with an error."""
     if_exists: str = "error"
@@ -215,6 +224,13 @@ class JobConfig:
             if st.name == "base" or st.name in names or "/" in st.name:
                 raise ValueError(f"stages.{i}.name {st.name!r} must be unique, not 'base' and without '/'")
             names[st.name] = i
+        for kind in ("rollout", "reward", "learner"):
+            res = getattr(self.run, f"{kind}_resources")
+            bad = {k: v for k, v in res.items()
+                   if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}
+            if bad or any(k in ("CPU", "GPU", "memory") for k in res):
+                raise ValueError(f"run.{kind}_resources maps custom Ray resource names to amounts > 0 "
+                                 f"(CPUs/GPUs come from run.{kind}_cpus and *.gpus_per_actor), got {res}")
         if self.run.if_exists not in ("error", "overwrite", "new"):
             raise ValueError(f"run.if_exists must be error|overwrite|new, got {self.run.if_exists!r}")
         if self.model.path != "tiny" and not os.path.isdir(self.model.path):

@@ -64,14 +64,44 @@ def cycle(records: list, seed: int) -> Iterator:
         yield from order
 
 
+class Cursor:
+    """:func:`cycle` with a position: ``next()`` gives the next record with its draw number in
+    ``meta["draw"]`` (what ``rollout.request_seeds`` seeds from); ``Cursor(records, seed, start)``
+    continues a stream that had drawn ``start`` records (exact in-stage resume)."""
+
+    def __init__(self, records: list, seed: int, start: int = 0):
+        self._it, self.position = cycle(records, seed), 0
+        for _ in range(start):
+            next(self._it)
+        self.position = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        r = next(self._it)
+        self.position += 1
+        return replace(r, meta={**r.meta, "draw": self.position - 1})
+
+
 class Controller:
     def __init__(self, cfg: JobConfig, resume: bool = False):
         self.cfg = cfg
         self.run_dir = prepare_run_dir(cfg.run.root, cfg.run.name, "resume" if resume else cfg.run.if_exists)
         self.pipeline = Pipeline(self.run_dir, cfg)
         self.plan = self.pipeline.plan() if resume else [None] * len(cfg.stages)
+        self.in_stage: dict[str, dict] = {}  # stage -> its in-stage checkpoint (resumed from)
         if resume:
-            forget(self.run_dir, [st.name for st, rec in zip(cfg.stages, self.plan) if rec is None])
+            redo = [(i, st) for i, (st, rec) in enumerate(zip(cfg.stages, self.plan)) if rec is None]
+            if redo:
+                i, st = redo[0]
+                state = in_stage_checkpoint(self.checkpoint_dir(f"{st.name}-state"), self.pipeline.hashes[i])
+                if state:
+                    self.in_stage[st.name] = state
+            forget(self.run_dir, [st.name for _, st in redo],
+                   {n: (s["step"], s["trajectory_parts"]) for n, s in self.in_stage.items()})
+        self.control = None
+        self._stop_wait_s = 0.0
         self.timer = PhaseTimer()
         self.global_step = 0
         self.results: dict[str, dict] = {}
@@ -249,7 +279,8 @@ class Controller:
             return
         if self.rewards is not None:
             self.rewards.shutdown()
-        self.rewards = RewardPool(rc, num_cpus=self.cfg.run.reward_cpus, start_timeout_s=self.cfg.run.timeout_s)
+        self.rewards = RewardPool(rc, num_cpus=self.cfg.run.reward_cpus, start_timeout_s=self.cfg.run.timeout_s,
+                                  resources=self.cfg.run.reward_resources)
         self._reward_cfg, self.reward_counters = want, {}
 
     def evaluate(self, rollouts, test: list[PromptRecord], job: JobConfig, stage: str, step: int) -> dict:
@@ -269,7 +300,8 @@ class Controller:
             return {}
         test = self.test_prompts(job, tokenizer(path))
         rc = job.rollout
-        rollouts = RolloutPool(path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus)
+        rollouts = RolloutPool(path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
+                               resources=job.run.rollout_resources)
         try:
             row = self.evaluate(rollouts, test, job, st.name, st.steps)
         finally:
@@ -277,10 +309,44 @@ class Controller:
         self.record_eval(st.name, "end", row, path)
         return row
 
+    # ---- operations: status, scale and stop requests (``cluster.control``) ------------------
+    def publish(self, st: StageConfig, step: int, version: int, row: dict, pools: dict) -> None:
+        if self.control is not None:
+            self.control.publish({"state": "running", "stage": st.name, "stage_type": st.type,
+                                  "step": step, "steps": st.steps, "weight_version": version,
+                                  "pools": pools, "run_dir": os.path.abspath(self.run_dir),
+                                  "last_row": {k: v for k, v in row.items() if not isinstance(v, dict)}})
+
+    def requests(self) -> list[dict]:
+        return self.control.poll() if self.control is not None else []
+
+    def ack(self, req: dict, result: dict) -> None:
+        if self.control is not None:
+            self.control.ack(req["seq"], result)
+
+    def stopped(self, req: dict, st: StageConfig, step: int, checkpoint: str) -> None:
+        """End the job on an ``aha stop`` request, once the in-stage checkpoint is written."""
+        msg = (f"stopped on request after step {step} of stage {st.name}; checkpoint {checkpoint}; "
+               f"continue with: aha resume {os.path.abspath(self.run_dir)}")
+        self.ack(req, {"ok": True, "checkpoint": checkpoint, "step": step, "stage": st.name,
+                       "run_dir": os.path.abspath(self.run_dir), "message": msg})
+        if self.control is not None:
+            self.control.publish({"state": "stopped", "stage": st.name, "step": step,
+                                  "run_dir": os.path.abspath(self.run_dir), "checkpoint": checkpoint})
+        raise Stopped(msg)
+
+    def _start_control(self) -> None:
+        try:
+            from cluster.control import Control, job_id_from_env
+            self.control = Control.start(job_id_from_env(self.cfg.run.name))
+        except Exception as e:  # noqa: BLE001 - the job runs without remote control
+            log.warning("job control unavailable (aha status/scale/stop will not reach this job): %s", e)
+
     # ---- the job ----------------------------------------------------------------------------
     def run(self) -> dict[str, dict]:
         from cluster.stages import RUNNERS
 
+        self._start_control()
         try:
             for i, st in enumerate(self.cfg.stages):
                 if self.plan[i] is not None:
@@ -296,8 +362,16 @@ class Controller:
                 try:
                     outputs = RUNNERS[st.type](self, i, st, job)
                 except BaseException as e:  # recorded for whoever looks; --resume redoes the stage
-                    self.pipeline.fail(i, f"{type(e).__name__}: {e}")
-                    raise
+                    self.pipeline.fail(i, f"{type(e).__name__}: {e}", "stopped" if isinstance(e, Stopped)
+                                       else "failed")
+                    if isinstance(e, (Stopped, ValueError, KeyboardInterrupt)):
+                        raise
+                    ckpt = in_stage_checkpoint(self.checkpoint_dir(f"{st.name}-state"),
+                                               self.pipeline.hashes[i])
+                    raise StageFailed(
+                        f"stage {st.name} failed: {type(e).__name__}: {str(e)[:3000]}\n"
+                        f"the finished stages are kept{'' if not ckpt else ', and an in-stage checkpoint at step %d' % ckpt['step']}"
+                        f"; continue with: aha resume {os.path.abspath(self.run_dir)}") from e
                 self.outputs[st.name] = outputs
                 if st.type in POLICY_STAGES:
                     self.last_policy = outputs["checkpoint"]
@@ -339,6 +413,28 @@ class Controller:
         return rows
 
 
+class StageFailed(RuntimeError):
+    """A stage failed for a reason outside the config (a dead learner, a lost node); the message
+    says how to resume."""
+
+
+class Stopped(Exception):
+    """The job was stopped on request (``aha stop``) after writing an in-stage checkpoint."""
+
+
+def in_stage_checkpoint(path: str, stage_hash: str) -> dict | None:
+    """The in-stage checkpoint in ``path`` (``state.json`` + ``dir``) when it is complete and was
+    written by this stage's config; else None (the stage starts over)."""
+    from cluster.pipeline import manifest_hash
+
+    if manifest_hash(path) != stage_hash:
+        if os.path.exists(path):
+            log.warning("%s was written by another config of the stage: not resumed from", path)
+        return None
+    with open(os.path.join(path, "state.json")) as f:
+        return {**json.load(f), "dir": path}
+
+
 def tokenizer(path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
@@ -351,6 +447,8 @@ def start_ray(cfg: JobConfig) -> None:
     address = cfg.run.address or os.environ.get("RAY_ADDRESS") or None
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
+        from actors.common import use_cluster_token
+        use_cluster_token()
         ray.init(address=address, runtime_env=env)
         return
     need = (cfg.rollout.num_actors * cfg.run.rollout_cpus + cfg.reward.num_actors * cfg.run.reward_cpus

@@ -120,8 +120,8 @@ class Pipeline:
                    committed=committed, samples=samples, finished=time.time())
         self._write()
 
-    def fail(self, i: int, error: str) -> None:
-        self.state["stages"][self.cfg.stages[i].name].update(status="failed", error=error[:2000],
+    def fail(self, i: int, error: str, status: str = "failed") -> None:
+        self.state["stages"][self.cfg.stages[i].name].update(status=status, error=error[:2000],
                                                              finished=time.time())
         self._write()
 
@@ -142,12 +142,15 @@ def _upto(cfg_dict: dict, i: int) -> dict:
     return {**{k: v for k, v in cfg_dict.items() if k != "stages"}, "stages": cfg_dict["stages"][:i + 1]}
 
 
-def forget(run_dir: str, names: list[str]) -> None:
+def forget(run_dir: str, names: list[str], keep: dict[str, tuple[int, int]] | None = None) -> None:
     """Before stages ``names`` run again on resume: drop their rows from metrics.jsonl and
     eval.jsonl, their trajectories, intermediate checkpoints and half-written outputs (TensorBoard
-    event files keep the old points)."""
+    event files keep the old points). ``keep[name] = (step, parts)``: the stage resumes from its
+    in-stage checkpoint at ``step``; its rows up to that step and its first ``parts`` trajectory
+    files stay."""
     import glob
 
+    keep = keep or {}
     names_set = set(names)
     for f in ("metrics.jsonl", "eval.jsonl"):
         path = os.path.join(run_dir, f)
@@ -155,18 +158,24 @@ def forget(run_dir: str, names: list[str]) -> None:
             continue
         with open(path) as fh:
             lines = fh.readlines()
-        keep = []
+        kept = []
         for line in lines:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue  # the last line of a job killed mid-write
-            if row.get("stage") not in names_set:
-                keep.append(line if line.endswith("\n") else line + "\n")
+            name = row.get("stage")
+            if name not in names_set or (name in keep and row.get("step", 0) <= keep[name][0]):
+                kept.append(line if line.endswith("\n") else line + "\n")
         with open(path + ".tmp", "w") as fh:
-            fh.writelines(keep)
+            fh.writelines(kept)
         os.replace(path + ".tmp", path)
     for n in names:
+        if n in keep:
+            parts = sorted(glob.glob(os.path.join(run_dir, "trajectories", n, "part-*")))
+            for p in parts[keep[n][1]:] + glob.glob(os.path.join(run_dir, "checkpoints", f".{n}.tmp")):
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            continue
         for p in [os.path.join(run_dir, "trajectories", n), os.path.join(run_dir, "trajectories", f"eval-{n}"),
                   os.path.join(run_dir, "checkpoints", f".{n}.tmp"), os.path.join(run_dir, "datasets", f".{n}.tmp"),
                   *glob.glob(os.path.join(run_dir, "checkpoints", f"{n}-step*"))]:

@@ -56,6 +56,12 @@ class RolloutConfig:
     kv_cache_gb: float = 1.0
     """CPU only: KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE)."""
     seed: int = 0
+    request_seeds: bool = False
+    """Seed every request from ``seed`` and the prompt's draw number in the stage's data stream,
+    so a prompt's samples do not depend on which engine drew them or what it served before: a
+    resumed run (``run.checkpoint_every``) then regenerates exactly what the uninterrupted one
+    would have (with ``algo.max_staleness: 0``). Off: one RNG stream per engine, seeded
+    ``seed + engine index`` (vLLM's default, slightly faster)."""
     weight_transport: str = "torch_dist"
     """How new weights reach the engines: ``torch_dist`` (our bucketed broadcast: gloo on CPU /
     NCCL on GPU), ``by_value`` (through Ray's object store; small models and tests), or vLLM's own
@@ -68,10 +74,18 @@ class RolloutConfig:
     """A rollout request (generation, then scoring) not done after this long has its engine
     killed and removed from the pool, its samples counted in ``dropped_generate_timeout`` (a vLLM
     engine core that died mid-generation leaves ``generate`` blocked forever)."""
+    max_replacements: int = 4
+    """Dead engines replaced per stage (a fresh engine that gets the current weights before it
+    serves); past that the pool shrinks and says so, and the job stops when none is left."""
+    sync_timeout_s: float = 300.0
+    """Longest one weight sync may take (the process group's timeout too): an engine that died
+    mid-sync cannot hold the survivors past it; the sync is then redone without that engine."""
 
     def validate(self, where: str = "rollout") -> None:
         if self.num_actors < 1:
             raise ValueError(f"{where}.num_actors must be >= 1, got {self.num_actors}")
+        if self.max_replacements < 0 or self.sync_timeout_s <= 0:
+            raise ValueError(f"{where}.max_replacements must be >= 0 and {where}.sync_timeout_s > 0")
         if self.group_size < 2:
             raise ValueError(f"{where}.group_size must be >= 2 (GRPO compares completions within a "
                              f"group), got {self.group_size}")
@@ -166,11 +180,17 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         n = n or self.cfg.group_size
+        _debug_slow("generate", self.engine_index)
         texts = [render(self.cfg.template, r.question, self.tokenizer) for r in records]
         prompt_ids = [encode_prompt(self.tokenizer, t) for t in texts]
         t0 = time.time()
+        params = self._sampling(n, temperature, top_p=top_p)
+        if self.cfg.request_seeds and all("draw" in r.meta for r in records):
+            params = [params.clone() for _ in records]
+            for p, r in zip(params, records):
+                p.seed = (self.cfg.seed * 1_000_003 + int(r.meta["draw"])) % (2 ** 63)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                                 self._sampling(n, temperature, top_p=top_p), use_tqdm=False)
+                                 params, use_tqdm=False)
         dt = time.time() - t0
         samples, ntok = [], 0
         for rec, text, pids, out in zip(records, texts, prompt_ids, outs):
@@ -208,6 +228,7 @@ class VllmEngine:
         return self.llm.collective_rpc("aha_init_weight_group", args=(asdict(spec), rank_offset))
 
     def receive_weights(self, metas: list[TensorMeta], bucket_bytes: int, version: int) -> int:
+        _debug_slow("sync", self.engine_index)
         wire = [(m.name, m.dtype, list(m.shape)) for m in metas]
         n = self.llm.collective_rpc("aha_receive_weights", args=(wire, bucket_bytes))[0]
         self._after_update(version)
@@ -247,3 +268,13 @@ class VllmEngine:
         except Exception:  # noqa: BLE001 - best effort at teardown
             pass
         del self.llm
+
+
+def _debug_slow(what: str, index: int) -> None:
+    """Fault-injection aid for the fault tests: ``AHA_DEBUG_SLOW="generate:0:2,sync:1:3"`` makes
+    engine 0 wait 2 s before each generation and engine 1 3 s before each weight receive, so a
+    test can kill an engine mid-generation or mid-sync from outside. Unset: nothing."""
+    for item in filter(None, os.environ.get("AHA_DEBUG_SLOW", "").split(",")):
+        kind, engine, seconds = item.split(":")
+        if kind == what and engine == str(index):
+            time.sleep(float(seconds))

@@ -12,7 +12,9 @@ The input checkpoint is also the KL reference.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -58,7 +60,7 @@ def rollout_metrics(samples: list[Sample], learner_version: int) -> dict[str, fl
 def run(ctl, i, st, job) -> dict:
     from tqdm import tqdm
 
-    from cluster.controller import cycle, tokenizer
+    from cluster.controller import Cursor, tokenizer
 
     rc, algo = job.rollout, job.algo
     model_path = ctl.input_model(i, st)
@@ -66,28 +68,43 @@ def run(ctl, i, st, job) -> dict:
     train_set, _ = fit_prompts(ctl.train_records(job), tok,
                                rc.template, rc.max_model_len, rc.max_tokens, "data.train")
     test = ctl.test_prompts(job, tok)
+    resumed = ctl.in_stage.get(st.name)  # the stage's last in-stage checkpoint, on --resume
     # the engines load (the slowest start) while the learner loads
     rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
-                           wait=False)
+                           wait=False, resources=job.run.rollout_resources)
     try:
         learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), rc.temperature,
-                                job.run.learner_cpus, job.run.timeout_s)
+                                job.run.learner_cpus, job.run.timeout_s, job.run.learner_resources)
+        if resumed:
+            learners.load_state(os.path.join(resumed["dir"], "learner"))
         rollouts.wait_ready()
     except BaseException:
         rollouts.shutdown()
         raise
     try:
         sync = WeightSync(learners, rollouts, job.run.timeout_s)
-        stream = RolloutStream(rollouts, ctl.rewards, cycle(train_set, job.run.seed),
-                               algo.prompts_per_step, algo.max_staleness, job.run.timeout_s,
-                               total_takes=st.steps)
-        version = 0
-        ctl.record_eval(st.name, "start", ctl.evaluated.get(model_path)
-                        or ctl.evaluate(rollouts, test, job, st.name, 0))
-        stream.on_weights_updated(version)
+        cursor = Cursor(train_set, job.run.seed, resumed["cursor"] if resumed else 0)
+        stream = RolloutStream(rollouts, ctl.rewards, cursor, algo.prompts_per_step, algo.max_staleness,
+                               job.run.timeout_s, total_takes=st.steps, admit=sync.admit)
         shaping_totals: Counter = Counter()
+        if resumed:  # the engines get the restored weights and version before the first request
+            version, first = resumed["version"], resumed["step"]
+            sync.push(version)
+            stream.takes, stream.next_consumer = first, version
+            stream.counts.update(resumed["counts"])
+            stream.dropped.update(resumed["dropped"])
+            shaping_totals.update(resumed["shaping"])
+            ctl.global_step = resumed["global_step"]
+            ctl.record_eval(st.name, "start", resumed.get("start_eval") or {})
+            log.info("stage %s resumes after step %d (weight version %d, %d prompts drawn)",
+                     st.name, first, version, cursor.position)
+        else:
+            version, first = 0, 0
+            ctl.record_eval(st.name, "start", ctl.evaluated.get(model_path)
+                            or ctl.evaluate(rollouts, test, job, st.name, 0))
+        stream.on_weights_updated(version)
         t_step = time.time()
-        bar = tqdm(range(st.steps), desc=st.name, dynamic_ncols=True)
+        bar = tqdm(range(first, st.steps), desc=st.name, dynamic_ncols=True, initial=first, total=st.steps)
         for step in bar:
             with ctl.timer("wait_rollout"):
                 groups, info = stream.take(version)
@@ -123,31 +140,105 @@ def run(ctl, i, st, job) -> dict:
             row.update({"zero_variance_groups": shaping["zero_variance_groups"],
                         "loss_samples": len(loss_samples),
                         **{f"samples_{k}": v for k, v in shaping.items() if k.startswith("masked_")},
-                        "steps_skipped": shaping_totals["steps_skipped"]})
+                        "steps_skipped": shaping_totals["steps_skipped"],
+                        **pool_row(rollouts, ctl.rewards)})
             row["time_step_s"] = time.time() - t_step
             t_step = time.time()
             ctl.logger.metrics(row, ctl.global_step)
             ctl.logger.trajectories(st.name, samples)
             bar.write(summary_line(row))
+            ctl.publish(st, step + 1, version, row, pools=pool_row(rollouts, ctl.rewards))
             if job.eval.every and (step + 1) % job.eval.every == 0 and step + 1 < st.steps:
                 with ctl.timer("eval"):
                     ctl.evaluate(rollouts, test, job, st.name, step + 1)
-            if job.run.checkpoint_every and (step + 1) % job.run.checkpoint_every == 0:
+            stop = None
+            for req in ctl.requests():
+                if req["kind"] == "scale":
+                    ctl.ack(req, scale(rollouts, ctl.rewards, req["args"]))
+                elif req["kind"] == "stop":
+                    stop = req
+            every = job.run.checkpoint_every
+            if stop is not None or (every and (step + 1) % every == 0 and step + 1 < st.steps):
                 with ctl.timer("checkpoint"):
-                    learners.save_hf(ctl.checkpoint_dir(f"{st.name}-step{step + 1}"))
+                    path = save_state(ctl, i, st, learners, stream, cursor, step + 1, version, shaping_totals)
+            if stop is not None:
+                ctl.stopped(stop, st, step + 1, path)  # raises Stopped
         left = stream.close()  # counted: generated but not trained on
         ctl.sample_counts[st.name] = {"generated": stream.counts["generated"],
                                       "trained": stream.counts["trained"],
                                       "reward_retries": stream.counts["reward_retries"],
                                       **dict(stream.dropped), **dict(shaping_totals)}
-        log.info("stage %s samples: %s (%d left unused at the end)", st.name,
-                 ctl.sample_counts[st.name], left)
+        log.info("stage %s samples: %s (%d left unused at the end); rollout pool %s", st.name,
+                 ctl.sample_counts[st.name], left, rollouts.counts)
         out = ctl.save(i, learners, st.name)
         ctl.record_eval(st.name, "end", ctl.evaluate(rollouts, test, job, st.name, st.steps), out)
+        drop_state(ctl, st)
     finally:
         rollouts.shutdown()
         learners.shutdown()
     return {"checkpoint": out}
+
+
+def pool_row(rollouts, rewards) -> dict:
+    sizes = rollouts.sizes()
+    return {"pool_rollout": sizes["serving"], "pool_rollout_starting": sizes["starting"],
+            "pool_rollout_retiring": sizes["retiring"], "pool_reward": len(rewards.actors),
+            **{f"rollout_engines_{k}": v for k, v in rollouts.counts.items()}}
+
+
+def scale(rollouts, rewards, args: dict) -> dict:
+    """A ``scale`` request (``aha scale JOB rollout=N reward=N``): new engines serve from the next
+    weight sync on, removed ones finish their request in flight first."""
+    pool, n = args.get("pool"), args.get("n")
+    if not isinstance(n, int) or n < 1 or pool not in ("rollout", "reward"):
+        return {"ok": False, "message": f"scale needs pool=rollout|reward and n >= 1, got {args}"}
+    before = rollouts.sizes()["serving"] if pool == "rollout" else len(rewards.actors)
+    change = rollouts.scale_to(n) if pool == "rollout" else rewards.scale_to(n)
+    log.info("scale %s %d -> %d: %s", pool, before, n, change)
+    return {"ok": True, "pool": pool, "from": before, "to": n, **change,
+            "message": f"{pool} pool {before} -> {n}" + (" (new engines serve after the next weight sync)"
+                                                          if pool == "rollout" and n > before else "")}
+
+
+def state_dir(ctl, st) -> str:
+    return ctl.checkpoint_dir(f"{st.name}-state")
+
+
+def save_state(ctl, i, st, learners, stream, cursor, step, version, shaping) -> str:
+    """What an exact in-stage resume needs (``run.checkpoint_every``, ``aha stop``): the learner's
+    state (weights, optimizer, reference, RNG), the data cursor and every counter, written under a
+    temporary name and renamed when complete. Samples in flight are not saved: their prompts are
+    drawn again on resume (the cursor is set back by them)."""
+    import json
+    import shutil
+
+    from cluster.pipeline import commit, tmp_path
+
+    final = state_dir(ctl, st)
+    tmp = tmp_path(final)
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    learners.save_state(os.path.join(tmp, "learner"))
+    queued = stream._queued_groups()  # drawn, not trained: drawn again after a resume
+    state = {"step": step, "version": version, "global_step": ctl.global_step,
+             "cursor": cursor.position - queued, "counts": dict(stream.counts),
+             "dropped": dict(stream.dropped), "shaping": dict(shaping),
+             "start_eval": ctl.results.get(st.name, {}).get("start"),
+             "trajectory_parts": len(glob.glob(os.path.join(ctl.run_dir, "trajectories", st.name, "part-*"))),
+             "in_flight_groups": queued}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    commit(tmp, final, ctl.pipeline.manifest(i))
+    log.info("stage %s: in-stage checkpoint at step %d in %s", st.name, step, final)
+    return final
+
+
+def drop_state(ctl, st) -> None:
+    import shutil
+
+    if os.path.exists(state_dir(ctl, st)):
+        shutil.rmtree(state_dir(ctl, st))
 
 
 def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats) -> dict:
@@ -168,7 +259,18 @@ def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats) -
            "time_generate_s": gen_time,
            "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
            "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
-           "sync_bytes": sync_stats.get("sync_bytes", 0.0)}
+           "sync_bytes": sync_stats.get("sync_bytes", 0.0),
+           **{k: v for k, v in sync_stats.items() if k.startswith("sync_") and k != "sync_bytes"}}
+    per_engine: dict[int, list[float]] = {}
+    for r in reqs:  # tokens/s of each engine that answered this step
+        if r.get("time_generate_s"):
+            t = per_engine.setdefault(r["engine"], [0.0, 0.0])
+            t[0] += r.get("gen_tokens", 0)
+            t[1] += r["time_generate_s"]
+    for e, (toks, secs) in sorted(per_engine.items()):
+        row[f"engine_tokens_per_s/{e}"] = toks / secs
+    if per_engine:
+        row["gen_tokens_per_s_per_engine"] = sum(t / s for t, s in per_engine.values()) / len(per_engine)
     for r in reqs:  # latest cumulative counters of each reward actor, summed below
         if "reward_pool" in r:
             ctl.reward_counters[r["reward_actor"]] = r["reward_pool"]

@@ -97,7 +97,8 @@ def sample_dataset(ctl, i, st, job, model_path: str, out: str) -> dict:
     if st.num_prompts:
         records = records[:st.num_prompts]
     by_id = {r.id: r for r in records}
-    rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus)
+    rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
+                           resources=job.run.rollout_resources)
     try:
         with ctl.timer("generate"):
             samples = generate_scored(rollouts, ctl.rewards, records, st.samples_per_prompt,

@@ -158,7 +158,7 @@ def run(ctl, i, st, job) -> dict:
     tmp = tmp_path(final)
     threads = job.learner.threads if job.learner.threads > 0 else (os.cpu_count() or 1)
     with ctl.timer("train"):
-        res = get_all([train_reward_model.options(num_cpus=job.run.learner_cpus).remote(
+        res = get_all([train_reward_model.options(num_cpus=job.run.learner_cpus, resources=job.run.learner_resources).remote(
             ctl.input_model(i, st), train, test, st.steps, st.batch_size, st.lr or job.learner.lr,
             job.learner.seed + job.run.seed, tmp, threads)], f"stage {st.name} training", job.run.timeout_s)[0]
     t = ctl.timer.pop()

@@ -43,7 +43,7 @@ def train(ctl, i, st, job, model_path: str, records: list[PromptRecord]) -> str:
     if not samples:
         raise ValueError(f"stage {st.name}: its data has no 'solution' text to train on")
     learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), 1.0, job.run.learner_cpus,
-                            job.run.timeout_s)
+                            job.run.timeout_s, job.run.learner_resources)
     try:
         pool = cycle(samples, job.run.seed)
         bar = tqdm(range(st.steps), desc=st.name, dynamic_ncols=True)

@@ -56,6 +56,11 @@ class FakeRewards:
 class FakePool:
     def __init__(self, actors, cfg):
         self.actors, self.cfg, self.alive = actors, cfg, set(range(len(actors)))
+        self.retiring, self.starting, self.stopped = set(), {}, []
+
+    def stop(self, i):
+        self.retiring.discard(i)
+        self.stopped.append(i)
 
     def live(self):
         return [(i, self.actors[i]) for i in sorted(self.alive)]
