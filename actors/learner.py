@@ -139,6 +139,17 @@ class LearnerActor:
     def version(self) -> int:
         return self.backend.version
 
+    def save_state(self, path: str) -> str:
+        if not hasattr(self.backend, "save_state"):
+            raise RuntimeError(f"{type(self.backend).__name__} writes no in-stage checkpoint "
+                               "(run.checkpoint_every, aha stop); only its end-of-stage checkpoint")
+        self.backend.save_state(path)
+        return path
+
+    def load_state(self, path: str) -> int:
+        self.backend.load_state(path)
+        return self.backend.version
+
     def free_port(self) -> tuple[str, int]:
         return free_port()
 
@@ -176,6 +187,14 @@ class LearnerGroup:
 
     def save_hf(self, path: str) -> str:
         return self._all("save_hf", path)[0]
+
+    def save_state(self, path: str) -> str:
+        """Every rank writes its exact training state into ``path`` (an in-stage checkpoint)."""
+        return self._all("save_state", path)[0]
+
+    def load_state(self, path: str) -> int:
+        """Every rank restores it; returns the weight version."""
+        return self._all("load_state", path)[0]
 
     def shutdown(self) -> None:
         for a in self.actors:

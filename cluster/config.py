@@ -224,6 +224,10 @@ class JobConfig:
             if st.name == "base" or st.name in names or "/" in st.name:
                 raise ValueError(f"stages.{i}.name {st.name!r} must be unique, not 'base' and without '/'")
             names[st.name] = i
+        if self.run.checkpoint_every and self.learner.backend != "torch":
+            raise ValueError(f"run.checkpoint_every: in-stage checkpoints are written by the torch "
+                             f"learner only; learner.backend={self.learner.backend} saves at the end "
+                             "of each stage (set run.checkpoint_every=0)")
         for kind in ("rollout", "reward", "learner"):
             res = getattr(self.run, f"{kind}_resources")
             bad = {k: v for k, v in res.items()

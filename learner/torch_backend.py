@@ -8,6 +8,7 @@ share of the *global* token (or sequence) count, so the update equals the single
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator
 
 import torch
@@ -88,6 +89,45 @@ class TorchBackend:
             if p.grad is None:             # (an empty shard): the collectives must line up
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+    # ---- exact in-stage checkpoints ----------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """What continuing bit-exactly needs, into ``path/rank<r>.pt``: the weights (exact
+        dtype), the optimizer state, the weight version and this process's RNG states. The
+        reference model is not saved: it is the stage's input checkpoint, reloaded bit-identical.
+        Resuming with another ``learner.threads`` may change float summation order."""
+        import random
+
+        import numpy as np
+
+        os.makedirs(path, exist_ok=True)
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "version": self.version,
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "numpy": np.random.get_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}}
+        tmp = os.path.join(path, f".rank{self._rank()}.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(path, f"rank{self._rank()}.pt"))
+
+    def load_state(self, path: str) -> None:
+        import random
+
+        import numpy as np
+
+        f = os.path.join(path, f"rank{self._rank()}.pt")
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f}: no learner state for rank {self._rank()} (written by a "
+                                    "learner with another learner.num_actors?)")
+        state = torch.load(f, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.version = state["version"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _step(self) -> float:
         self._reduce_grads()
