@@ -94,7 +94,13 @@ class RewardPool:
         have = len(self.actors)
         if n > have:
             new = [self._start(i) for i in range(have, n)]
-            get_all([a.ready.remote() for a in new], "reward actor start", self.timeout_s)
+            try:  # bounded: a pool the cluster cannot place must not hold the training loop
+                get_all([a.ready.remote() for a in new], "reward actor start", min(self.timeout_s, 120))
+            except Exception as e:  # noqa: BLE001 - refused, the pool stays as it was
+                for a in new:
+                    ray.kill(a)
+                raise RuntimeError(f"could not start {n - have} more reward actor(s) (no room on the "
+                                   f"cluster?): {type(e).__name__}: {str(e)[:500]}") from None
             self.actors += new
         for a in self.actors[n:]:
             a.shutdown.remote()

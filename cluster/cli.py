@@ -1,5 +1,7 @@
 """``aha`` command line: ``aha train CONFIG.yaml [key=value ...] [--resume]``, ``aha resume RUN_DIR``,
-``aha demo [r1]``, ``aha report RUN_DIR``, ``aha plot RUN_DIR``, ``aha sandbox``."""
+``aha demo [r1]``, ``aha report RUN_DIR``, ``aha plot RUN_DIR``, ``aha sandbox``; on a Ray cluster
+through its Jobs API (cluster/jobs.py): ``aha submit CONFIG.yaml --address http://HEAD:8265``,
+``aha status [JOB]``, ``aha logs JOB``, ``aha scale JOB rollout=N``, ``aha stop JOB``."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,8 @@ import sys
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
 DEMO_R1_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo_r1.yaml")
+STOPPED = 3
+"""Exit code of a job stopped on request (``aha stop``); ``aha submit`` passes it on."""
 
 
 def _train(config: str | None, overrides: list[str], address: str | None, resume: bool = False) -> int:
@@ -24,7 +28,7 @@ def _train(config: str | None, overrides: list[str], address: str | None, resume
         cfg.run.address = address
     import yaml
 
-    from cluster.controller import Controller, start_ray
+    from cluster.controller import Controller, StageFailed, Stopped, start_ray
 
     try:  # the run directory, the resume plan and every data source: before any actor starts
         ctl = Controller(cfg, resume=resume)
@@ -40,6 +44,14 @@ def _train(config: str | None, overrides: list[str], address: str | None, resume
         print(f"aha: {e}\naha: the finished stages are kept; fix the config and resume with --resume",
               file=sys.stderr)
         return 1
+    except StageFailed as e:  # a dead learner, a lost node: the message says how to resume
+        import traceback
+        traceback.print_exception(e.__cause__ or e)  # where it failed, then the one line that matters
+        print(f"aha: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:  # `aha stop`: the stage wrote its in-stage checkpoint first
+        print(f"aha: {e}", file=sys.stderr)
+        return STOPPED
     from cluster.report import plot_curves, plot_stages, summary_markdown, summary_text, where_to_look
 
     rows = ctl.summary_rows()
@@ -53,7 +65,8 @@ def _train(config: str | None, overrides: list[str], address: str | None, resume
         plot_stages(ctl.run_dir)
     except Exception as e:  # noqa: BLE001 - the run itself succeeded; say why there is no plot
         print(f"aha: could not plot the curves: {e}", file=sys.stderr)
-    print(where_to_look(os.path.relpath(ctl.run_dir), _self_command()))
+    rel = os.path.relpath(ctl.run_dir)  # absolute when outside the working directory (a Ray job's copy)
+    print(where_to_look(os.path.abspath(ctl.run_dir) if rel.startswith("..") else rel, _self_command()))
     return 0
 
 
@@ -115,12 +128,49 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("run_dir", help="e.g. runs/demo")
     r.add_argument("--samples", type=int, default=3, help="trajectories to print (default 3)")
     sub.add_parser("sandbox", help="run a Python file in the code sandbox (see `aha sandbox -h`)")
+    on_cluster = "Ray Jobs API address (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else http://127.0.0.1:8265)"
+    sb = sub.add_parser("submit", help="run a job on a Ray cluster through its Jobs API, following its logs")
+    sb.add_argument("config")
+    sb.add_argument("overrides", nargs="*", help="dotted.key=value")
+    sb.add_argument("--address", help=on_cluster)
+    sb.add_argument("--job-id", help="the Ray submission id (default aha-<run.name>-<6 hex>)")
+    sb.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    sb.add_argument("--resume", action="store_true", help="the job resumes run.root/run.name (aha train --resume)")
+    sb.add_argument("--python", help="the job's interpreter on the head node (default: this one where it "
+                                     "exists there, else python)")
+    sb.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable of the job")
+    st = sub.add_parser("status", help="the aha jobs on a cluster, or one job's state, stage, step and pools")
+    st.add_argument("job", nargs="?")
+    st.add_argument("--address", help=on_cluster)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--python", help=argparse.SUPPRESS)
+    lg = sub.add_parser("logs", help="a job's logs, followed until it ends")
+    lg.add_argument("job")
+    lg.add_argument("--address", help=on_cluster)
+    lg.add_argument("--no-follow", action="store_true", help="print the logs so far and return")
+    sc = sub.add_parser("scale", help="resize a running job's pools: aha scale JOB rollout=N [reward=N]")
+    sc.add_argument("job")
+    sc.add_argument("pools", nargs="+", metavar="POOL=N")
+    sc.add_argument("--address", help=on_cluster)
+    sc.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the controller (default 120)")
+    sc.add_argument("--python", help=argparse.SUPPRESS)
+    sp = sub.add_parser("stop", help="stop a job after a checkpoint (then `aha resume RUN_DIR`)")
+    sp.add_argument("job")
+    sp.add_argument("--address", help=on_cluster)
+    sp.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for the controller's checkpoint before stopping it through Ray")
+    sp.add_argument("--python", help=argparse.SUPPRESS)
     a, extra = p.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:  # overrides written after an option (`aha train C.yaml --resume key=value`)
-        a.overrides = [*getattr(a, "overrides", []), *extra]
+        if a.cmd == "scale":
+            a.pools = [*a.pools, *extra]
+        elif hasattr(a, "overrides"):
+            a.overrides = [*a.overrides, *extra]
+        else:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.cmd == "train":
         return _train(a.config, a.overrides, a.address, a.resume)
@@ -140,7 +190,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if paths else 2
     if a.cmd == "report":
         return _report(a.run_dir, a.samples)
+    if a.cmd in ("submit", "status", "logs", "scale", "stop"):
+        return _on_cluster(a)
     return 2
+
+
+def _on_cluster(a) -> int:
+    from cluster import jobs
+
+    if a.cmd != "submit":  # Ray's own INFO/WARNING lines of each control job's upload are noise here
+        import ray.dashboard.modules.dashboard_sdk  # noqa: F401 - sets its logger's level on import
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    try:
+        if a.cmd == "submit":
+            return jobs.submit(a.config, a.overrides, a.address, a.job_id, not a.no_follow, a.python,
+                               a.env, a.resume)
+        if a.cmd == "status":
+            return jobs.status(a.job, a.address, a.json, a.python)
+        if a.cmd == "logs":
+            return jobs.logs(a.job, a.address, not a.no_follow)
+        if a.cmd == "scale":
+            return jobs.scale(a.job, a.pools, a.address, a.timeout, a.python)
+        return jobs.stop(a.job, a.address, a.timeout, a.python)
+    except jobs.JobsError as e:
+        print(f"aha: {e}", file=sys.stderr)
+        return e.rc
+    except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError, named here without importing Ray
+        if type(e).__name__ != "AuthenticationError":
+            raise
+        print(f"aha: the cluster uses token authentication and refused this client: set RAY_AUTH_MODE=token "
+              f"and the head's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)\n{e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -147,7 +147,9 @@ def run(ctl, i, st, job) -> dict:
             ctl.logger.metrics(row, ctl.global_step)
             ctl.logger.trajectories(st.name, samples)
             bar.write(summary_line(row))
-            ctl.publish(st, step + 1, version, row, pools=pool_row(rollouts, ctl.rewards))
+            ctl.publish(st, step + 1, version, row, pools={"rollout": row["pool_rollout"],
+                                                            "reward": row["pool_reward"],
+                                                            **pool_row(rollouts, ctl.rewards)})
             if job.eval.every and (step + 1) % job.eval.every == 0 and step + 1 < st.steps:
                 with ctl.timer("eval"):
                     ctl.evaluate(rollouts, test, job, st.name, step + 1)
@@ -193,7 +195,11 @@ def scale(rollouts, rewards, args: dict) -> dict:
     if not isinstance(n, int) or n < 1 or pool not in ("rollout", "reward"):
         return {"ok": False, "message": f"scale needs pool=rollout|reward and n >= 1, got {args}"}
     before = rollouts.sizes()["serving"] if pool == "rollout" else len(rewards.actors)
-    change = rollouts.scale_to(n) if pool == "rollout" else rewards.scale_to(n)
+    try:
+        change = rollouts.scale_to(n) if pool == "rollout" else rewards.scale_to(n)
+    except RuntimeError as e:
+        log.error("scale %s to %d refused: %s", pool, n, e)
+        return {"ok": False, "pool": pool, "from": before, "to": before, "message": str(e)}
     log.info("scale %s %d -> %d: %s", pool, before, n, change)
     return {"ok": True, "pool": pool, "from": before, "to": n, **change,
             "message": f"{pool} pool {before} -> {n}" + (" (new engines serve after the next weight sync)"
