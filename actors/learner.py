@@ -139,14 +139,14 @@ class LearnerActor:
     def version(self) -> int:
         return self.backend.version
 
-    def save_state(self, path: str) -> str:
-        if not hasattr(self.backend, "save_state"):
-            raise RuntimeError(f"{type(self.backend).__name__} writes no in-stage checkpoint "
-                               "(run.checkpoint_every, aha stop); only its end-of-stage checkpoint")
-        self.backend.save_state(path)
+    def save_state(self, path: str, save_ref: bool = True) -> str:
+        """Collective: the backend's exact training state into the directory ``path`` (see
+        :meth:`learner.backend.LearnerBackend.save_state`; each rank writes its own RNG file)."""
+        self.backend.save_state(path, save_ref=save_ref)
         return path
 
     def load_state(self, path: str) -> int:
+        """Collective: restore :meth:`save_state`'s state; returns the restored weight version."""
         self.backend.load_state(path)
         return self.backend.version
 
@@ -188,12 +188,14 @@ class LearnerGroup:
     def save_hf(self, path: str) -> str:
         return self._all("save_hf", path)[0]
 
-    def save_state(self, path: str) -> str:
-        """Every rank writes its exact training state into ``path`` (an in-stage checkpoint)."""
-        return self._all("save_state", path)[0]
+    def save_state(self, path: str, save_ref: bool = True) -> str:
+        """Every rank writes its part of the exact training state into ``path`` (blocks until all
+        have); returns ``path``. Files are written in place: pass a temporary directory and rename
+        it to make the state appear atomically."""
+        return self._all("save_state", path, save_ref)[0]
 
     def load_state(self, path: str) -> int:
-        """Every rank restores it; returns the weight version."""
+        """Every rank restores :meth:`save_state`'s state (blocks); returns the weight version."""
         return self._all("load_state", path)[0]
 
     def shutdown(self) -> None:

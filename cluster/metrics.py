@@ -1,5 +1,6 @@
 """Run-directory outputs: metrics.jsonl, eval.jsonl, TensorBoard scalars, Parquet trajectories, and a
-one-line summary per step on the terminal. Also the per-phase timer of the controller loop."""
+one-line summary per step on the terminal; the same rows on Ray's Prometheus endpoint
+(``cluster/ray_metrics.py``). Also the per-phase timer of the controller loop."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.ray_metrics import RayMetrics
 from rollout.types import Sample, to_arrow
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,16 @@ class PhaseTimer:
 
 
 class RunLogger:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    """``run``: the ``run`` label of the Ray metrics (default: the run directory's name)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, run: str = ""):
         self.dir = run_dir
         os.makedirs(os.path.join(run_dir, "trajectories"), exist_ok=True)
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._eval = open(os.path.join(run_dir, "eval.jsonl"), "a")
         self._parts: dict[str, int] = {}
+        self.ray = RayMetrics(run or os.path.basename(os.path.normpath(run_dir)))
         self.tb = None
         if tensorboard:
             try:
@@ -64,12 +69,15 @@ class RunLogger:
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         self._tb(row.get("stage", "train"), row, global_step)
+        self.ray.publish(row)
 
     def eval(self, row: dict, global_step: int) -> None:
         row = {**row, "global_step": global_step}
         self._eval.write(json.dumps(row) + "\n")
         self._eval.flush()
         self._tb("eval", row, global_step)
+        self.ray.publish({"stage": row.get("stage", ""), **{f"eval/{k}": v for k, v in row.items()}},
+                         generic=False)
 
     def trajectories(self, name: str, samples: list[Sample]) -> None:
         """Append samples to the dataset ``trajectories/<name>/`` as one Parquet part file per call,
@@ -85,6 +93,7 @@ class RunLogger:
         os.replace(tmp, os.path.join(folder, f"part-{n:06d}.parquet"))  # readers never see half a file
 
     def close(self) -> None:
+        self.ray.close()
         self._metrics.close()
         self._eval.close()
         if self.tb is not None:

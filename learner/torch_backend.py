@@ -4,6 +4,11 @@ Data parallel over ``torch.distributed`` (gloo on CPU, NCCL on GPU) when the def
 is initialised with more than one rank (``actors.learner`` does that): every rank trains on its
 shard of the batch and gradients are summed with ``all_reduce`` after being scaled by the rank's
 share of the *global* token (or sequence) count, so the update equals the single-process one.
+
+``save_state`` / ``load_state`` make a stage resumable bit for bit (see :meth:`TorchBackend.save_state`
+for the files). Every data-parallel rank holds the same weights and optimizer state (the gradients
+are all-reduced, AdamW is elementwise), which the save checks with a fingerprint: rank 0 then writes
+them once, and each rank writes its own RNG states.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_digest,
+                             write_state_meta)
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
@@ -89,45 +96,6 @@ class TorchBackend:
             if p.grad is None:             # (an empty shard): the collectives must line up
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-
-    # ---- exact in-stage checkpoints ----------------------------------------------------------
-    def save_state(self, path: str) -> None:
-        """What continuing bit-exactly needs, into ``path/rank<r>.pt``: the weights (exact
-        dtype), the optimizer state, the weight version and this process's RNG states. The
-        reference model is not saved: it is the stage's input checkpoint, reloaded bit-identical.
-        Resuming with another ``learner.threads`` may change float summation order."""
-        import random
-
-        import numpy as np
-
-        os.makedirs(path, exist_ok=True)
-        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "version": self.version,
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "numpy": np.random.get_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}}
-        tmp = os.path.join(path, f".rank{self._rank()}.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(path, f"rank{self._rank()}.pt"))
-
-    def load_state(self, path: str) -> None:
-        import random
-
-        import numpy as np
-
-        f = os.path.join(path, f"rank{self._rank()}.pt")
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f}: no learner state for rank {self._rank()} (written by a "
-                                    "learner with another learner.num_actors?)")
-        state = torch.load(f, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.version = state["version"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _step(self) -> float:
         self._reduce_grads()
@@ -232,3 +200,110 @@ class TorchBackend:
         if self._rank() == 0:
             self.model.save_pretrained(path, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
+
+    # ---- exact training state -----------------------------------------------------------------
+    @staticmethod
+    def _module_tensors(module) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer (non-persistent ones too) by name, tied weights once."""
+        out = dict(module.named_parameters())
+        out.update(module.named_buffers())
+        return {n: t.detach() for n, t in out.items()}
+
+    @classmethod
+    def _load_module(cls, module, file: str) -> None:
+        from safetensors.torch import load_file
+        saved, own = load_file(file), cls._module_tensors(module)
+        if saved.keys() != own.keys():
+            raise KeyError(f"{file} does not fit the model: missing {sorted(own.keys() - saved.keys())[:6]}, "
+                           f"unexpected {sorted(saved.keys() - own.keys())[:6]}")
+        with torch.no_grad():
+            for n, t in own.items():
+                if t.shape != saved[n].shape or t.dtype != saved[n].dtype:
+                    raise ValueError(f"{file}: {n} is {saved[n].dtype}{tuple(saved[n].shape)}, the "
+                                     f"model has {t.dtype}{tuple(t.shape)}")
+                t.copy_(saved[n])
+
+    def _gather_object(self, obj) -> list:
+        if self._world() == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self._world()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_state(self, path: str, save_ref: bool = True) -> None:
+        """Collective: every rank calls it. Writes into ``path`` (created)::
+
+            meta.json                backend, ranks, version, where the weights are, the reference
+            model.safetensors        every parameter and buffer in its own dtype      (rank 0)
+            optimizer.pt             AdamW's state_dict: moments, step counts, hyperparameters
+            ref.safetensors          the frozen reference (kl_coef > 0 and save_ref)  (rank 0)
+            rank{r}.pt               rank r: RNG states (torch CPU, CUDA, random, numpy), version
+
+        Should the ranks' weights or optimizer states ever differ (they are all-reduced, so they
+        should not), each rank writes its own as ``rank{r}.model.safetensors`` and
+        ``rank{r}.optimizer.pt`` instead. ``save_ref=False`` writes the reference's fingerprint
+        alone: it is the stage's input checkpoint, which the resumed backend loads again.
+
+        Bit-exact continuation needs the same device, torch build and torch thread count
+        (``learner.threads``) on both sides of the resume: CPU kernels split reductions by thread.
+        """
+        from safetensors.torch import save_file
+        rank, world = self._rank(), self._world()
+        rng = rng_state()
+        model_t = self._module_tensors(self.model)
+        opt_sd = self.opt.state_dict()
+        ref_t = self._module_tensors(self.ref) if self.ref is not None else {}
+        ref_digest = tensor_digest(ref_t.values()) if ref_t and (world > 1 or not save_ref) else None
+        shared = True
+        if world > 1:  # one pass over the weights and moments on each rank, no copy
+            opt_t = [v for _, st in sorted(opt_sd["state"].items()) for _, v in sorted(st.items())
+                     if torch.is_tensor(v)]
+            digests = self._gather_object((tensor_digest([*model_t.values(), *opt_t]), ref_digest))
+            shared = len(set(digests)) == 1
+        if not shared and rank == 0:
+            log.warning("learner ranks hold different weights or optimizer states; every rank "
+                        "saves its own in %s", path)
+        os.makedirs(path, exist_ok=True)
+        prefix = "" if shared else f"rank{rank}."
+        if rank == 0 or not shared:
+            save_file({n: t.contiguous().cpu() for n, t in model_t.items()},
+                      os.path.join(path, f"{prefix}model.safetensors"))
+            torch.save(opt_sd, os.path.join(path, f"{prefix}optimizer.pt"))
+            if ref_t and save_ref:
+                save_file({n: t.contiguous().cpu() for n, t in ref_t.items()},
+                          os.path.join(path, f"{prefix}ref.safetensors"))
+        torch.save({"rank": rank, "world": world, "version": self.version, "rng": rng},
+                   os.path.join(path, f"rank{rank}.pt"))
+        if rank == 0:
+            write_state_meta(path, backend="torch", world=world, version=self.version, shared=shared,
+                             ref=None if self.ref is None else ("saved" if save_ref else "rebuilt"),
+                             ref_digest=ref_digest)
+        if world > 1:  # every rank's files are down before any returns
+            import torch.distributed as dist
+            dist.barrier()
+
+    def load_state(self, path: str) -> None:
+        """Inverse of :meth:`save_state`, on a backend freshly built from the checkpoint the saved run
+        started from, with the same config and number of ranks; every rank calls it."""
+        rank, world = self._rank(), self._world()
+        meta = read_state_meta(path, "torch", world)
+        prefix = "" if meta["shared"] else f"rank{rank}."
+        self._load_module(self.model, os.path.join(path, f"{prefix}model.safetensors"))
+        self.opt.load_state_dict(torch.load(os.path.join(path, f"{prefix}optimizer.pt"),
+                                            map_location="cpu", weights_only=True))
+        if self.ref is not None:
+            if meta["ref"] is None:
+                raise ValueError(f"{path} was saved without a reference model (loss.kl_coef was 0); "
+                                 "resume with the same learner.loss.kl_coef")
+            if meta["ref"] == "saved":
+                self._load_module(self.ref, os.path.join(path, f"{prefix}ref.safetensors"))
+            elif tensor_digest(self._module_tensors(self.ref).values()) != meta["ref_digest"]:
+                raise ValueError(f"{path} did not save the reference model, and the one this backend "
+                                 "loaded differs from the saved run's: build the learner from the "
+                                 "checkpoint the saved run started from")
+        mine = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location="cpu", weights_only=True)
+        if (mine["rank"], mine["world"]) != (rank, world):
+            raise ValueError(f"{path}/rank{rank}.pt belongs to rank {mine['rank']} of {mine['world']}")
+        self.version = mine["version"]
+        set_rng_state(mine["rng"])

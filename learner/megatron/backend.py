@@ -25,6 +25,9 @@ Where this departs from the torch backend, and why:
 6. Pipeline parallel: ``named_hf_weights`` on a stage yields that stage's weights (global names);
    ``export_hf_weights`` brings every stage's part to global rank 0, which sends them to the
    engines. Training statistics are computed on the last stage and broadcast to the others.
+7. ``save_state`` / ``load_state`` write one file per rank (its shards, optimizer state, RNG states
+   including Megatron's CUDA RNG tracker); the FP32 main weights and Adam moments go through
+   Megatron's ``save_parameter_state`` (gathered to each data-parallel group's first rank).
 
 GPU only: megatron.core and transformer_engine are imported when the backend is built.
 """
@@ -42,6 +45,8 @@ from typing import Iterator
 import torch
 
 from learner import losses
+from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_digest,
+                             write_state_meta)
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.megatron import convert
@@ -611,6 +616,110 @@ class MegatronBackend:
             out[f"moe/{name}"] = float(entry.values.sum()) / max(1, len(self._router_counts)) / num_micro
         tracker.clear()
         return out
+
+    # ------------------------------------------------------------------ exact training state
+    @staticmethod
+    def _cpu(sd: dict) -> dict:
+        return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}
+
+    @staticmethod
+    def _loose_buffers(module) -> dict[str, torch.Tensor]:
+        """Buffers outside the state dict (the MoE routers' token counts, ...)."""
+        persistent = module.state_dict(keep_vars=True).keys()
+        return {n: b.detach().cpu().clone() for n, b in module.named_buffers() if n not in persistent}
+
+    @staticmethod
+    def _set_loose_buffers(module, saved: dict[str, torch.Tensor]) -> None:
+        own = dict(module.named_buffers())
+        with torch.no_grad():
+            for n, t in saved.items():
+                own[n].copy_(t)
+
+    @staticmethod
+    def _weights_digest(sd: dict) -> int:
+        return tensor_digest(v for k, v in sorted(sd.items())
+                             if torch.is_tensor(v) and not k.endswith("_extra_state"))
+
+    def _layout(self) -> dict:
+        return dict(tp=self.par.tp, pp=self.par.pp, ep=self.par.ep, dp=self.par.dp)
+
+    def save_state(self, path: str, save_ref: bool = True) -> None:
+        """Collective: every rank calls it. Writes into ``path`` (created)::
+
+            meta.json                 backend, ranks, parallel layout, version       (global rank 0)
+            rank{r}.pt                rank r: its model shard's state_dict (BF16 weights, TE's FP8
+                                      scaling state) and loose buffers, the optimizer's state_dict
+                                      (param groups with Adam's step, grad scaler), the
+                                      reference's shard (``save_ref``; else its weights' fingerprint
+                                      and its FP8 scaling state), RNG states (torch CPU and CUDA,
+                                      Megatron's CUDA RNG tracker, random, numpy), version
+            rank{r}.optim_params.pt   FP32 main weights and Adam moments of the data-parallel
+                                      group(s) rank r leads, gathered over the group (Megatron's
+                                      ``save_parameter_state``); absent on the other ranks
+
+        Data-parallel replicas each write their (identical) BF16 shard. Bit-exact continuation
+        needs the same GPUs, parallel layout and deterministic kernels on both sides.
+        """
+        from megatron.core import tensor_parallel
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rng = rng_state()
+        tracker = {k: v.clone() if torch.is_tensor(v) else v
+                   for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+        os.makedirs(path, exist_ok=True)
+        # collective over each data-parallel group; its first rank writes
+        self.optimizer.save_parameter_state(os.path.join(path, f"rank{rank}.optim_params.pt"))
+        blob = {"rank": rank, "world": world, "version": self.version, "layout": self._layout(),
+                "rng": rng, "rng_tracker": tracker, "model": self._cpu(self.model.state_dict()),
+                "buffers": self._loose_buffers(self.model), "optimizer": self.optimizer.state_dict()}
+        if self.ref_model is not None:
+            ref = self.ref_model.state_dict()
+            if save_ref:
+                blob["ref"] = self._cpu(ref)
+            else:  # the weights are the input checkpoint's; FP8 scaling state moves in forward
+                blob["ref"] = self._cpu({k: v for k, v in ref.items() if k.endswith("_extra_state")})
+                blob["ref_digest"] = self._weights_digest(ref)
+            blob["ref_buffers"] = self._loose_buffers(self.ref_model)
+        torch.save(blob, os.path.join(path, f"rank{rank}.pt"))
+        if rank == 0:
+            write_state_meta(path, backend="megatron", world=world, version=self.version,
+                             layout=self._layout(),
+                             ref=None if self.ref_model is None else ("saved" if save_ref else "rebuilt"))
+        torch.distributed.barrier()
+
+    def load_state(self, path: str) -> None:
+        """Inverse of :meth:`save_state`, on a backend freshly built from the checkpoint the saved run
+        started from, with the same config and layout; every rank calls it (the optimizer's
+        parameter state is scattered over each data-parallel group)."""
+        from megatron.core import tensor_parallel
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        meta = read_state_meta(path, "megatron", world)
+        if meta["layout"] != self._layout():
+            raise ValueError(f"{path} was saved with parallel layout {meta['layout']}, this learner "
+                             f"has {self._layout()}: resume with the same learner.megatron sizes")
+        blob = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location="cpu", weights_only=False)
+        if (blob["rank"], blob["world"]) != (rank, world):
+            raise ValueError(f"{path}/rank{rank}.pt belongs to rank {blob['rank']} of {blob['world']}")
+        self.model.load_state_dict(blob["model"], strict=True)
+        self._set_loose_buffers(self.model, blob["buffers"])
+        if self.ref_model is not None:
+            if meta["ref"] is None:
+                raise ValueError(f"{path} was saved without a reference model (loss.kl_coef was 0); "
+                                 "resume with the same learner.loss.kl_coef")
+            if meta["ref"] == "rebuilt" and \
+                    self._weights_digest(self.ref_model.state_dict()) != blob["ref_digest"]:
+                raise ValueError(f"{path} did not save the reference model, and the one this backend "
+                                 "loaded differs from the saved run's: build the learner from the "
+                                 "checkpoint the saved run started from")
+            self.ref_model.load_state_dict(blob["ref"], strict=meta["ref"] == "saved")
+            self._set_loose_buffers(self.ref_model, blob["ref_buffers"])
+        # Megatron's own resume order: the state_dict allocates the optimizer's state, then the
+        # parameter state (FP32 main weights, moments) fills it
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.optimizer.load_parameter_state(os.path.join(path, f"rank{rank}.optim_params.pt"))
+        self.version = blob["version"]
+        set_rng_state(blob["rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(blob["rng_tracker"])
+        torch.distributed.barrier()
 
     # ------------------------------------------------------------------ weights out
     def named_megatron_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
