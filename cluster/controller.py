@@ -101,7 +101,6 @@ class Controller:
             forget(self.run_dir, [st.name for _, st in redo],
                    {n: (s["step"], s["trajectory_parts"]) for n, s in self.in_stage.items()})
         self.control = None
-        self._stop_wait_s = 0.0
         self.timer = PhaseTimer()
         self.global_step = 0
         self.results: dict[str, dict] = {}
