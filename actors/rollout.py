@@ -164,7 +164,7 @@ class RolloutPool:
             except Exception as e:  # noqa: BLE001 - counted and logged; the pool goes on without it
                 self.counts["start_failed"] += 1
                 log.error("rollout engine %d failed to start: %s: %s", i, type(e).__name__, str(e)[:2000])
-                self._kill(i)
+                self.terminate(i)
         return out
 
     def join(self, indices: list[int]) -> None:
@@ -185,7 +185,7 @@ class RolloutPool:
             ray.get(self.actors[index].shutdown.remote(), timeout=60)
         except Exception:  # noqa: BLE001 - stopping it anyway
             pass
-        self._kill(index)
+        self.terminate(index)
         log.info("rollout pool: engine %d stopped; %s", index, self.sizes())
 
     def scale_to(self, n: int) -> dict:
@@ -199,7 +199,7 @@ class RolloutPool:
         stopped, retired = [], []
         for i in sorted(self.starting, reverse=True)[:have - n]:
             del self.starting[i]
-            self._kill(i)
+            self.terminate(i)
             stopped.append(i)
         for i in sorted(self.alive, reverse=True)[:have - n - len(stopped)]:
             self.retire(i)
@@ -225,7 +225,9 @@ class RolloutPool:
         if not self.alive and not self.starting:
             raise RuntimeError(f"every rollout engine is dead (last: engine {index}: {why})")
 
-    def _kill(self, index: int) -> None:
+    def terminate(self, index: int) -> None:
+        """End engine ``index``'s process now, leaving its membership as it is: the caller (a hung
+        sync, a failed start, a scale-down) accounts for it, e.g. with :meth:`mark_dead`."""
         try:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -233,7 +235,7 @@ class RolloutPool:
 
     def kill(self, index: int, why: str) -> None:
         """Stop a hung engine (its requests are counted by the caller) and remove it."""
-        self._kill(index)
+        self.terminate(index)
         self.mark_dead(index, why)
 
     def live(self) -> list[tuple[int, "ray.actor.ActorHandle"]]:
@@ -251,4 +253,4 @@ class RolloutPool:
                 ray.get(self.actors[i].shutdown.remote(), timeout=60 if i not in self.starting else 1)
             except Exception:  # noqa: BLE001 - teardown: the kill below still happens
                 pass
-            self._kill(i)
+            self.terminate(i)

@@ -83,7 +83,8 @@ class RolloutStream:
         self._engine_failures: Counter = Counter()  # per engine, reset by its next success
 
     # ---- admission -------------------------------------------------------------------------
-    def _queued_groups(self) -> int:
+    def queued_groups(self) -> int:
+        """Groups drawn from the data but not yet taken by the learner (buffered or in flight)."""
         return len(self.ready) + sum(r.n_groups for r in self.inflight.values())
 
     def budget(self) -> int:
@@ -92,7 +93,7 @@ class RolloutStream:
         steps = self.engine_version + self.max_staleness - self.next_consumer + 1
         if self.total_takes is not None:
             steps = min(steps, self.total_takes - self.takes)
-        return steps * self.groups_per_step - self._queued_groups()
+        return steps * self.groups_per_step - self.queued_groups()
 
     def fill(self) -> None:
         """Start a request on every idle engine, for as many groups as the budget allows (split

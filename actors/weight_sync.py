@@ -134,7 +134,7 @@ class WeightSync:
                 idx = {r: k for k, r in enumerate(refs)}
                 lost = {live[idx[r] - n][0]: e for r in pending if idx[r] >= n}
                 for i in lost:
-                    self.rollouts._kill(i)
+                    self.rollouts.terminate(i)
             # the survivors' calls fail (or finish) once the group's timeout passes at the latest
             ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30)
             # get_all cancelled the other calls: ask each engine whether it is still there
@@ -145,7 +145,7 @@ class WeightSync:
                 except ray.exceptions.RayActorError as err:
                     lost[i] = err
                 except Exception as err:  # noqa: BLE001 - no answer within 30 s: hung, stop it
-                    self.rollouts._kill(i)
+                    self.rollouts.terminate(i)
                     lost[i] = err
             if not lost:
                 raise
@@ -153,11 +153,12 @@ class WeightSync:
 
     def push(self, version: int, wait_for_new: bool = False) -> dict[str, float]:
         """Blocks until every serving engine, and every newly started one, holds ``version``
-        (``wait_for_new``: also wait for engines still starting)."""
+        (``wait_for_new``, or no engine left serving: also wait for engines still starting)."""
         t0 = time.time()
         stats: dict[str, float] = {}
         for attempt in range(1 + self.rollouts.cfg.max_replacements + 2):
-            new = self.rollouts.joiners(wait=wait_for_new)
+            # none serving (the only engine died): wait for its replacement, within its start timeout
+            new = self.rollouts.joiners(wait=wait_for_new or not self.rollouts.alive)
             live = self._live(new)
             if not live:
                 raise RuntimeError("weight sync: no rollout engine is left to send weights to")

@@ -24,13 +24,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.ops_cluster import RayCluster, actors_of, wait_for  # noqa: E402
+from tests.cluster_fixture import RayCluster, wait_for  # noqa: E402
 from tests.test_faults import grpo_rows, start_job  # noqa: E402
 
 
 def control(cluster, *args) -> str:
     out = subprocess.run([sys.executable, "-m", "cluster.control", *args], capture_output=True, text=True,
-                         timeout=180, env={**os.environ, "RAY_ADDRESS": cluster.address})
+                         timeout=180, env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address})
     if out.returncode:
         raise RuntimeError(out.stdout + out.stderr)
     return out.stdout
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="aha-bench-ops-")
-    with RayCluster(os.path.join(tmp, "ray"), cpus=[6]) as cluster:
+    cluster = RayCluster(head_cpus=4, node_cpus=4).start()  # what the tests run on (tests/conftest.py)
+    try:
         proc, run_dir, log = start_job(cluster, __import__("pathlib").Path(tmp), "ops", [
             f"stages.1.steps={a.steps}", "rollout.num_actors=1", "algo.max_staleness=1",
             "rollout.max_tokens=24"])
@@ -66,7 +67,7 @@ def main() -> None:
             rows = grpo_rows(run_dir)
             one = window([r for r in rows[5:] if r["pool_rollout"] == 1])
             two = window([r for r in rows if r["pool_rollout"] == 2][3:])
-            victim = actors_of(cluster, "RolloutActor", name_suffix="-1")[0]
+            victim = cluster.actors("RolloutActor", name_suffix="-1")[0]
             t_kill = time.time()
             os.kill(victim["pid"], signal.SIGKILL)
             wait_for(lambda: "engine(s) [2] serving" in log.read_text(), 300, proc, "the replacement")
@@ -77,6 +78,8 @@ def main() -> None:
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        cluster.stop()
     print(f"\nrollout pool 1 -> 2 engines (G=2 x 4 prompts per step, 24 new tokens; {os.cpu_count()} cores)")
     print(f"{'':28}{'1 engine':>12}{'2 engines':>12}{'ratio':>8}")
     for k in ("step_s", "samples_per_s", "gen_tokens_per_s", "tokens_per_s_per_engine"):

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 
 import psutil
 
@@ -69,6 +71,62 @@ class RayCluster:
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+    def add_node(self, name: str, cpus: int, resources: dict, timeout: float = 120.0) -> None:
+        """One more node (``ray start --address``) with its own temp dir ``<temp dir>/<name>``."""
+        alive = len([x for x in self.nodes() if x["alive"]])
+        self._ray_start([f"--address={self.gcs_address}", f"--num-cpus={cpus}",
+                         f"--resources={json.dumps(resources)}", f"--temp-dir={self.temp_dir}/{name}",
+                         f"--dashboard-agent-listen-port={free_port()}"], timeout)
+        self.wait_nodes(alive + 1, timeout)
+
+    def node_processes(self, name: str) -> list[psutil.Process]:
+        """The processes of node ``name`` (``h`` the head, ``n`` the second node, or one added):
+        those naming its temp dir (raylet, agents) and their children (workers, their engines)."""
+        mark = f"{self.temp_dir}/{name}/"
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(mark in c for c in (p.info["cmdline"] or [])):
+                    for q in (p, *p.children(recursive=True)):
+                        found.setdefault(q.pid, q)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return list(found.values())
+
+    def kill_node(self, name: str) -> int:
+        """The machine of node ``name`` is gone: SIGKILL every process of it at once, raylet first
+        (no graceful drain, no goodbye to the GCS). Returns how many processes were killed."""
+        procs = sorted(self.node_processes(name), key=lambda p: _name(p) != "raylet")
+        if not procs:
+            raise RuntimeError(f"node {name!r} of the test cluster has no processes")
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        return len(procs)
+
+    def node_of(self, pid: int) -> str | None:
+        """The name of the node whose processes include ``pid``."""
+        for name in os.listdir(self.temp_dir):
+            if any(p.pid == pid for p in self.node_processes(name)):
+                return name
+        return None
+
+    def actors(self, class_name: str, name_suffix: str = "") -> list[dict]:
+        """Alive actors of a class, from the dashboard's state API over HTTP (with the cluster's
+        token): ``[{"pid", "name", "node_id"}]``."""
+        q = urllib.parse.urlencode({"limit": 1000, "detail": "false", "filter_keys": ["class_name", "state"],
+                                    "filter_predicates": ["=", "="], "filter_values": [class_name, "ALIVE"]},
+                                   doseq=True)
+        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/actors?{q}",
+                                     headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            got = json.load(r)["data"]["result"]["result"]
+        return [{"pid": a["pid"], "name": a.get("name") or "", "node_id": a["node_id"]} for a in got
+                if (a.get("name") or "").endswith(name_suffix)]
 
     def start(self, timeout: float = 120.0) -> "RayCluster":
         try:
@@ -168,3 +226,17 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def wait_for(cond, timeout_s: float, proc=None, what: str = "condition"):
+    """Poll ``cond`` every 0.5 s until it returns something true, and return that; fail after
+    ``timeout_s``, or at once when ``proc`` (a job) ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the job ended first (rc {proc.returncode})")
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {timeout_s:.0f} s")

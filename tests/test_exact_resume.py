@@ -18,10 +18,10 @@ ARGS = ["cluster/configs/demo.yaml", "stages.0.steps=20", "stages.1.steps=6", "a
         "algo.max_staleness=0", "rollout.request_seeds=true", "run.checkpoint_every=3"]
 
 
-def train(tmp_path, name, extra=(), wait=True):
+def train(cluster, tmp_path, name, extra=(), wait=True):
     args = [sys.executable, "-m", "cluster.cli", "train", *ARGS, f"run.root={tmp_path}", f"run.name={name}",
             *extra]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}  # the shared test cluster: no Ray start per run
     if wait:
         out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr[-4000:]
@@ -30,9 +30,9 @@ def train(tmp_path, name, extra=(), wait=True):
                             stderr=subprocess.DEVNULL)
 
 
-def test_six_steps_equal_three_plus_resume_plus_three(tmp_path):
-    train(tmp_path, "straight")
-    proc = train(tmp_path, "cut", wait=False)
+def test_six_steps_equal_three_plus_resume_plus_three(ray_cluster, tmp_path):
+    train(ray_cluster, tmp_path, "straight")
+    proc = train(ray_cluster, tmp_path, "cut", wait=False)
     state = tmp_path / "cut" / "checkpoints" / "1-grpo-state" / "manifest.json"
     try:
         deadline = time.time() + 600
@@ -45,7 +45,7 @@ def test_six_steps_equal_three_plus_resume_plus_three(tmp_path):
         proc.wait()
     saved = json.load(open(state.parent / "state.json"))
     assert saved["step"] == 3 and saved["version"] == 3
-    out = train(tmp_path, "cut", ["--resume"])
+    out = train(ray_cluster, tmp_path, "cut", ["--resume"])
     assert "stage 1-grpo resumes after step 3" in out.stderr
     a, b = grpo_rows(tmp_path / "straight"), grpo_rows(tmp_path / "cut")
     assert [r["step"] for r in b] == list(range(1, 7))  # rows 4.. of the killed run were dropped

@@ -13,9 +13,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from tests.ops_cluster import RayCluster, actors_of, wait_for
+from tests.cluster_fixture import wait_for
 
 
 def rows(path):
@@ -33,49 +32,44 @@ JOB = ["cluster/configs/demo.yaml", "stages.0.steps=20", "algo.prompts_per_step=
        "rollout.sync_timeout_s=20", "rollout.generate_timeout_s=60"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with RayCluster(tmp_path_factory.mktemp("ray"), cpus=[6]) as c:
-        yield c
-
-
 def start_job(cluster, tmp_path, name, overrides, env_extra=None):
     args = [sys.executable, "-m", "cluster.cli", "train", *JOB, f"run.root={tmp_path}", f"run.name={name}",
             *overrides]
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, **(env_extra or {})}
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, **(env_extra or {})}
     log = open(tmp_path / f"{name}.log", "w")
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), \
         tmp_path / name, tmp_path / f"{name}.log"
 
 
-def test_dead_engines_and_reward_actors_are_replaced_and_counted(cluster, tmp_path):
+def test_dead_engines_and_reward_actors_are_replaced_and_counted(ray_cluster, tmp_path):
+    cluster = ray_cluster
     proc, run_dir, log = start_job(cluster, tmp_path, "faults", [
         "stages.1.steps=40", "rollout.num_actors=2", "algo.max_staleness=1"],
         {"AHA_DEBUG_SLOW": "generate:0:3,sync:1:3"})
     try:
         wait_for(lambda: len(grpo_rows(run_dir)) >= 1, 300, proc, "the GRPO stage did not start")
         # (a) engine 0 sleeps 3 s inside each generate: kill it there
-        engine0 = actors_of(cluster, "RolloutActor", name_suffix="-0")
+        engine0 = cluster.actors("RolloutActor", name_suffix="-0")
         assert len(engine0) == 1
         os.kill(engine0[0]["pid"], signal.SIGKILL)
         wait_for(lambda: any(r.get("rollout_engines_replaced", 0) >= 1 and r["pool_rollout"] == 2
                              for r in grpo_rows(run_dir)), 240, proc, "engine 0 was not replaced")
         # (a) engine 1 sleeps 3 s before each weight receive, holding the sync: kill it there
         n_before = len(grpo_rows(run_dir))
-        engine1 = actors_of(cluster, "RolloutActor", name_suffix="-1")
+        engine1 = cluster.actors("RolloutActor", name_suffix="-1")
         wait_for(lambda: len(grpo_rows(run_dir)) > n_before, 120, proc, "no step after the replacement")
         time.sleep(1.0)  # inside the next sync (train is fast; the sync waits 3 s on engine 1)
         os.kill(engine1[0]["pid"], signal.SIGKILL)
         wait_for(lambda: any(r.get("rollout_engines_replaced", 0) >= 2 for r in grpo_rows(run_dir)), 240,
                  proc, "engine 1 was not replaced")
         # (b) a reward actor, then one of its verifier worker processes
-        reward = actors_of(cluster, "RewardActor")
+        reward = cluster.actors("RewardActor")
         os.kill(reward[0]["pid"], signal.SIGKILL)
-        wait_for(lambda: len(actors_of(cluster, "RewardActor")) == len(reward) and
-                 actors_of(cluster, "RewardActor")[0]["pid"] != reward[0]["pid"], 120, proc,
-                 "the reward actor was not replaced")
+        def replaced():  # one read of the actor list: between two reads the new one may not be up
+            now = cluster.actors("RewardActor")
+            return len(now) == len(reward) and now[0]["pid"] != reward[0]["pid"] and now
+        new_reward = wait_for(replaced, 120, proc, "the reward actor was not replaced")[0]["pid"]
         import psutil
-        new_reward = actors_of(cluster, "RewardActor")[0]["pid"]
         workers = psutil.Process(new_reward).children(recursive=True)
         if workers:
             workers[0].kill()
@@ -103,11 +97,12 @@ def test_dead_engines_and_reward_actors_are_replaced_and_counted(cluster, tmp_pa
     assert [r["weight_version"] for r in got] == list(range(1, 41))
 
 
-def test_a_killed_learner_stops_the_job_and_says_how_to_resume(cluster, tmp_path):
+def test_a_killed_learner_stops_the_job_and_says_how_to_resume(ray_cluster, tmp_path):
+    cluster = ray_cluster
     proc, run_dir, log = start_job(cluster, tmp_path, "learner", ["stages.1.steps=200"])
     try:
         wait_for(lambda: len(grpo_rows(run_dir)) >= 2, 300, proc, "the GRPO stage did not start")
-        learner = actors_of(cluster, "LearnerActor")
+        learner = cluster.actors("LearnerActor")
         os.kill(learner[0]["pid"], signal.SIGKILL)
         rc = proc.wait(timeout=300)
     finally:
@@ -118,3 +113,47 @@ def test_a_killed_learner_stops_the_job_and_says_how_to_resume(cluster, tmp_path
     assert "aha resume" in text and "learner" in text.lower(), text[-3000:]
     state = json.load(open(run_dir / "pipeline.json"))
     assert state["stages"]["1-grpo"]["status"] == "failed"
+
+
+def test_a_lost_node_is_survived_like_a_dead_engine(ray_cluster, tmp_path):
+    """Two more nodes join, each with one ``engine_slot``; the job's only engine needs one. The node
+    that hosts it is then lost (every process of it SIGKILLed, as when a machine goes away): the
+    engine is replaced on the other node, which gets the current weights, and the job finishes."""
+    cluster = ray_cluster
+    for name in ("n3", "n4"):
+        cluster.add_node(name, cpus=1, resources={"engine_slot": 1})
+    steps = 30
+    proc, run_dir, log = start_job(cluster, tmp_path, "nodeloss", [
+        f"stages.1.steps={steps}", "rollout.num_actors=1", "algo.max_staleness=1",
+        "run.rollout_resources={engine_slot: 1}"], {"AHA_DEBUG_SLOW": "generate:0:2"})
+    lost = None
+    try:
+        wait_for(lambda: len(grpo_rows(run_dir)) >= 2, 300, proc, "the GRPO stage did not start")
+        engine = cluster.actors("RolloutActor", name_suffix="-0")
+        assert len(engine) == 1
+        lost = cluster.node_of(engine[0]["pid"])
+        assert lost in ("n3", "n4"), lost  # placed by its resource
+        assert cluster.kill_node(lost) >= 2  # raylet, agents, the engine's worker, its vLLM process
+        wait_for(lambda: any(r.get("rollout_engines_replaced", 0) >= 1 for r in grpo_rows(run_dir)), 240,
+                 proc, "the engine of the lost node was not replaced")
+        wait_for(lambda: cluster.actors("RolloutActor", name_suffix="-1"), 60, proc, "no replacement actor")
+        other = cluster.node_of(cluster.actors("RolloutActor", name_suffix="-1")[0]["pid"])
+        assert other in ("n3", "n4") and other != lost, (lost, other)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for name in ("n3", "n4"):  # leave the shared cluster as it was (the lost node is dead already)
+            if cluster.node_processes(name):
+                cluster.kill_node(name)
+    text = log.read_text()
+    assert "rollout engine 0 removed from the pool" in text, text[-3000:]
+    assert "engine(s) [1] serving" in text, text[-3000:]  # the replacement got the weights and served
+    got = grpo_rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [r["weight_version"] for r in got] == list(range(1, steps + 1))
+    assert max(r["staleness_max"] for r in got) <= 1
+    assert got[-1]["rollout_engines_died"] == 1 and got[-1]["rollout_engines_replaced"] == 1
+    assert got[-1]["samples_dropped_actor_died"] >= 2  # the request in flight on the lost node
+    summary = json.load(open(run_dir / "summary.json"))["samples"]["1-grpo"]
+    assert summary["trained"] == steps * 4 * 2

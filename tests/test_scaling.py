@@ -7,26 +7,20 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from tests.ops_cluster import RayCluster, wait_for
+from tests.cluster_fixture import wait_for
 from tests.test_faults import grpo_rows, start_job
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with RayCluster(tmp_path_factory.mktemp("ray"), cpus=[6]) as c:
-        yield c
 
 
 def control(cluster, *args):
     out = subprocess.run([sys.executable, "-m", "cluster.control", *args], capture_output=True, text=True,
-                         timeout=180, env={**os.environ, "RAY_ADDRESS": cluster.address})
+                         timeout=180, env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address})
     return out.returncode, out.stdout + out.stderr
 
 
-def test_scale_rollout_1_2_1_while_training(cluster, tmp_path):
+def test_scale_rollout_1_2_1_while_training(ray_cluster, tmp_path):
     steps = 60
+    cluster = ray_cluster
     proc, run_dir, log = start_job(cluster, tmp_path, "scale", [
         f"stages.1.steps={steps}", "rollout.num_actors=1", "algo.max_staleness=1"],
         {"AHA_DEBUG_SLOW": "generate:0:0.3"})  # steps slow enough for the scaling to land mid-stage
@@ -63,7 +57,8 @@ def test_scale_rollout_1_2_1_while_training(cluster, tmp_path):
     assert summary["generated"] == summary["trained"] + dropped, summary  # nothing lost uncounted
 
 
-def test_stop_writes_a_checkpoint_and_resume_continues_from_it(cluster, tmp_path):
+def test_stop_writes_a_checkpoint_and_resume_continues_from_it(ray_cluster, tmp_path):
+    cluster = ray_cluster
     proc, run_dir, log = start_job(cluster, tmp_path, "stopme", ["stages.1.steps=300", "rollout.num_actors=1"])
     try:
         wait_for(lambda: len(grpo_rows(run_dir)) >= 3, 300, proc, "the GRPO stage did not start")
@@ -80,7 +75,7 @@ def test_stop_writes_a_checkpoint_and_resume_continues_from_it(cluster, tmp_path
     assert [r["step"] for r in grpo_rows(run_dir)] == list(range(1, stopped_at + 1))
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "resume", str(run_dir)],
                          capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "RAY_ADDRESS": cluster.address})
+                         env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address})
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"stage 1-grpo resumes after step {stopped_at}" in out.stderr
     got = grpo_rows(run_dir)

@@ -226,7 +226,7 @@ def save_state(ctl, i, st, learners, stream, cursor, step, version, shaping) -> 
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     learners.save_state(os.path.join(tmp, "learner"))
-    queued = stream._queued_groups()  # drawn, not trained: drawn again after a resume
+    queued = stream.queued_groups()  # drawn, not trained: drawn again after a resume
     state = {"step": step, "version": version, "global_step": ctl.global_step,
              "cursor": cursor.position - queued, "counts": dict(stream.counts),
              "dropped": dict(stream.dropped), "shaping": dict(shaping),

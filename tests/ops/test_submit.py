@@ -24,7 +24,7 @@ TINY = {
     "learner": {"backend": "torch", "num_actors": 1, "lr": 1.0e-4, "mini_batches": 1, "micro_batch_size": 8},
     "algo": {"prompts_per_step": 2, "max_staleness": 0},
     "eval": {"num_prompts": 2, "k": 1},
-    # head: 1 CPU for the learner and the reward actor; node2: 1 CPU for the engine
+    # the engine on node2, the learner and the reward actor anywhere
     "run": {"name": "submit-tiny", "dashboard": False, "tensorboard": False, "rollout_cpus": 1,
             "reward_cpus": 0.5, "learner_cpus": 0.5, "rollout_resources": {"node2": 1}},
     "stages": [{"type": "grpo", "steps": 2}],
