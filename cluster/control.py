@@ -240,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
                    help="Ray cluster (default: RAY_ADDRESS, else auto)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the controller's answer")
+    p.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)  # see the end
     a = p.parse_args(argv)
     if a.kind == "scale":
         try:
             parse_scale(a.args)
         except ValueError as e:
-            print(json.dumps({"ok": False, "message": str(e)}))
-            return 2
+            print(json.dumps({"ok": False, "message": str(e), "rc": 2}))
+            return 0 if a.in_job else 2
     logging.basicConfig(level=logging.WARNING)
     from actors.common import use_cluster_token
     use_cluster_token()  # a `ray start` cluster with token auth
@@ -258,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     if rc == 2:
         print(f"aha: {out['message']}", file=sys.stderr)
-    print(json.dumps(out, default=str), flush=True)
-    return rc
+    print(json.dumps({**out, "rc": rc}, default=str), flush=True)
+    # a control job (aha status|scale|stop over HTTP) that answered succeeded, whatever the
+    # answer: its exit code is in the answer, and the dashboard does not list a FAILED job
+    return 0 if a.in_job else rc
 
 
 if __name__ == "__main__":

@@ -343,17 +343,16 @@ def control(address: str, cl, job_id: str, kind: str, args: list[str] = (), time
 
 def _control_job(cl, job_id: str, kind: str, args: list[str], timeout_s: float, python: str | None):
     sid = f"ahactl-{kind}-{uuid.uuid4().hex[:8]}"
-    argv = [kind, job_id, *args, "--timeout", str(timeout_s)]
+    argv = [kind, job_id, *args, "--timeout", str(timeout_s), "--in-job"]
     entry = f"{python_cmd(python)}exec \"$PY\" -m cluster.control {' '.join(shlex.quote(a) for a in argv)}"
     cl.submit_job(entrypoint=entry, submission_id=sid, entrypoint_num_cpus=0,
                   runtime_env=runtime_env({"HF_HUB_OFFLINE": "1"}),
                   metadata={"aha_kind": "control", "aha_target": job_id})
     info = wait_ended(cl, sid, timeout_s + 120)
     text = cl.get_job_logs(sid)
-    if info.status.is_terminal():
-        with contextlib.suppress(Exception):
-            cl.delete_job(sid)
-    else:
+    # kept, not deleted: the dashboard lists a deleted job's driver as FAILED ("Entrypoint not
+    # found"), a false alarm on the page users watch; `aha status` leaves control jobs out
+    if not info.status.is_terminal():
         cl.stop_job(sid)
     for line in reversed(text.splitlines()):
         if line.startswith("{"):
@@ -362,7 +361,8 @@ def _control_job(cl, job_id: str, kind: str, args: list[str], timeout_s: float, 
             except ValueError:
                 continue
             if isinstance(out, dict):
-                return (info.driver_exit_code if info.driver_exit_code is not None else 1), out
+                rc = out.pop("rc", info.driver_exit_code)
+                return (rc if isinstance(rc, int) else 1), out
     tail = "\n".join(text.splitlines()[-15:])
     return 1, {"ok": False, "control_job_failed": True,
                "message": f"control job {sid} {info.status} without an answer: "

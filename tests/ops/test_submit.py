@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -97,7 +98,15 @@ def test_submitted_job_runs_on_the_cluster(ray_cluster, tmp_path):
     assert f"job {job}: SUCCEEDED" in human and f"run dir: {run_dir}" in human
     listed = aha(ray_cluster, "status", "--address", url)
     assert job in listed.stdout and "SUCCEEDED" in listed.stdout
-    assert "ahactl-" not in listed.stdout  # control jobs are not listed (and were deleted)
+    assert "ahactl-" not in listed.stdout  # control jobs are not listed
+    # ... and the dashboard's Jobs page (its /api/jobs/) shows them as succeeded, not as failed
+    req = urllib.request.Request(f"{url}/api/jobs/",
+                                 headers={"Authorization": f"Bearer {ray_cluster.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        page = json.load(r)
+    ctl = [(j.get("submission_id"), j.get("status"), j.get("message")) for j in page
+           if (j.get("submission_id") or "").startswith("ahactl-")]
+    assert ctl and all(st == "SUCCEEDED" for _, st, _ in ctl), [c for c in ctl if c[1] != "SUCCEEDED"]
 
     # the engine ran on node2 (Ray's state API keeps dead actors)
     where = ray_cluster.python(
