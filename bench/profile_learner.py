@@ -21,8 +21,8 @@ the order the controller and the learner actor run them:
 - ``TorchBackend.train_grpo`` end to end, for comparison with the sum of its pieces.
 
 ``--cprofile`` prints the top Python functions of ``train_grpo``; ``--torch-profile`` the top
-torch operators; ``--prefix-share`` (alone) times a what-if no-grad forward that runs each group's
-shared prompt once and checks its logprobs against the full forward.
+torch operators. Each thread count runs twice: ``learner.share_prompts`` off (``plain``: every row
+runs its prompt) and on (``shared``: each distinct prompt once, :mod:`learner.prefix`).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
 
     from learner.batch import collate
     from learner.losses import grpo_loss, masked_entropy, truncated_is_weight
-    from learner.torch_backend import TorchBackend, token_logprobs
+    from learner.torch_backend import TorchBackend
     from rollout.types import from_arrow, to_arrow
 
     torch.set_num_threads(threads)
@@ -104,21 +104,21 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
         batch = collate([s.prompt_ids for s in s2], [s.response_ids for s in s2],
                         [s.response_logprobs for s in s2], [s.advantage for s in s2], pad)
         c = t("actor: collate (pad, Python loop)", c)
+        n_mini = lcfg.mini_batches
+        bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         with torch.no_grad():
             ref_all = be.logprobs(batch, be.ref)
             c = t("ref forward", c)
-            old_all = be.logprobs(batch)
-            c = t("old-logprob forward", c)
-        n_mini = lcfg.mini_batches
-        bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            old_rest = be.logprobs(batch.slice(bounds[1], len(batch)))
+            c = t("old-logprob forward (mini-batches 2..)", c)
+        for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             mb = batch.slice(lo, hi)
-            ref_lp, old_lp = ref_all[lo:hi], old_all[lo:hi]
-            is_w = truncated_is_weight(old_lp, mb.rollout_logprobs, lc.tis_cap)
             c = time.perf_counter()
-            lp, logits = token_logprobs(be.model, mb.input_ids, mb.attention_mask, 1.0,
-                                        return_logits=True)
+            lp, (logits, lmask) = be._logprobs(be.model, mb, return_logits=True)
             c = t("update: forward (+log_softmax/gather)", c)
+            ref_lp = ref_all[lo:hi]
+            old_lp = lp.detach() if j == 0 else old_rest[lo - bounds[1]:hi - bounds[1]]
+            is_w = truncated_is_weight(old_lp, mb.rollout_logprobs, lc.tis_cap)
             mask = mb.response_mask
             loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high, ref_lp,
                                  lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None, lc.clip_ratio_c)
@@ -126,7 +126,7 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
             loss.backward()
             c = t("update: backward", c)
             with torch.no_grad():
-                st["entropy"] = masked_entropy(logits, mask[:, 1:])
+                st["entropy"] = masked_entropy(logits, lmask)
                 st["logprob_mismatch"] = float(((old_lp - mb.rollout_logprobs).abs() * mask).sum()
                                                / mask.sum().clamp_min(1))
             c = t("update: no-grad stats (entropy, mismatch)", c)
@@ -146,65 +146,6 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
     return out
 
 
-def shared_prefix_logprobs(model, samples, group: int, pad_id: int, temperature: float = 1.0):
-    """What-if: no-grad logprobs of the response tokens with each group's prompt run once (its KV
-    cache repeated for the group's G responses) instead of G times. Returns ``[B, Lr]`` logprobs of
-    each right-padded response."""
-    import torch
-    groups = [samples[i:i + group] for i in range(0, len(samples), group)]
-    assert all(len({tuple(s.prompt_ids) for s in g}) == 1 for g in groups), "groups share prompts"
-    prompts = [g[0].prompt_ids for g in groups]
-    lp_max = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), lp_max), pad_id, dtype=torch.long)
-    am = torch.zeros((len(prompts), lp_max), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left-padded: every prompt ends at lp_max
-        ids[i, lp_max - len(p):] = torch.tensor(p)
-        am[i, lp_max - len(p):] = 1
-    pos = (am.cumsum(1) - 1).clamp_min(0)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
-        first = out.logits[:, -1:].repeat_interleave(group, 0)  # predicts each response's token 0
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group)
-        lr_max = max(len(s.response_ids) for s in samples)
-        rids = torch.full((len(samples), lr_max), pad_id, dtype=torch.long)
-        ram = torch.zeros((len(samples), lr_max), dtype=torch.long)
-        for i, s in enumerate(samples):
-            rids[i, :len(s.response_ids)] = torch.tensor(s.response_ids)
-            ram[i, :len(s.response_ids)] = 1
-        rpos = pos[:, -1:].repeat_interleave(group, 0) + 1 + torch.arange(lr_max)
-        out2 = model(input_ids=rids, attention_mask=torch.cat([am.repeat_interleave(group, 0), ram], 1),
-                     position_ids=rpos, past_key_values=cache, use_cache=True)
-        logits = torch.cat([first, out2.logits[:, :-1]], 1).float() / temperature
-        return torch.log_softmax(logits, -1).gather(-1, rids.unsqueeze(-1)).squeeze(-1) * ram
-
-
-def prefix_share_check(ckpt: str, samples, lcfg, threads: int, iters: int) -> None:
-    import torch
-
-    from learner.batch import collate
-    from learner.torch_backend import TorchBackend
-    torch.set_num_threads(threads)
-    be = TorchBackend(ckpt, lcfg, 1.0)
-    pad = be.tokenizer.pad_token_id
-    batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                    [s.response_logprobs for s in samples], [s.advantage for s in samples], pad)
-    full, shared = [], []
-    for _ in range(iters + 1):
-        t = time.perf_counter()
-        ref = be.logprobs(batch, be.ref)
-        full.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        sh = shared_prefix_logprobs(be.ref, samples, 8, pad)
-        shared.append(time.perf_counter() - t)
-    diff = 0.0
-    for i, s in enumerate(samples):
-        a, n = len(s.prompt_ids), len(s.response_ids)
-        diff = max(diff, float((ref[i, a:a + n] - sh[i, :n]).abs().max()))
-    print(f"prefix-shared ref forward ({threads} thread(s)): {statistics.median(shared[1:]):.4f}s "
-          f"vs full {statistics.median(full[1:]):.4f}s; max |d logprob| on response tokens {diff:.2e}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=os.path.join(ROOT, "runs", "bench-vs-trl", "sft-300",
@@ -214,8 +155,6 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--torch-profile", action="store_true")
-    ap.add_argument("--prefix-share", action="store_true",
-                    help="what-if: the no-grad forwards with each group's prompt run once")
     a = ap.parse_args()
     from cluster.cli import DEMO_CONFIG
     from cluster.config import load_config
@@ -231,18 +170,16 @@ def main() -> int:
     import torch
     print(f"batch: {len(samples)} samples from {where}; torch {torch.__version__}, "
           f"default threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
-    if a.prefix_share:
-        for th in [int(x) for x in a.threads.split(",")]:
-            prefix_share_check(a.ckpt, samples, lcfg, th, a.iters)
-        return 0
     res = {}
     for th in [int(x) for x in a.threads.split(",")]:
-        res[th] = profile(a.ckpt, samples, th, a.iters, lcfg)
+        for share in (False, True):
+            res[f"{th}t {'shared' if share else 'plain'}"] = profile(
+                a.ckpt, samples, th, a.iters, replace(lcfg, share_prompts=share))
     first = res[next(iter(res))]
     print(f"padded batch {first['_shape']}, {first['_tokens']:.0f} real tokens; "
           f"median seconds per train call over {a.iters} calls")
     keys = [k for k in first if not k.startswith("_")]
-    print(f"{'':>46} " + " ".join(f"{f'{th} thread(s)':>12}" for th in res))
+    print(f"{'':>46} " + " ".join(f"{th:>12}" for th in res))
     for k in keys:
         print(f"{k:>46} " + " ".join(f"{res[th][k]:>12.4f}" for th in res))
     pieces = [k for k in keys if k != "TorchBackend.train_grpo end to end"

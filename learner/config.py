@@ -87,6 +87,10 @@ class LearnerConfig:
     dtype: str = "float32"
     """Training dtype of the parameters: float32 | bfloat16."""
     seed: int = 0
+    share_prompts: bool = True
+    """Run each distinct prompt of a batch once, with its KV cache repeated to the samples of its
+    group, in every learner forward (torch backend; :mod:`learner.prefix`); ``false``: every row
+    runs prompt and response in full."""
     threads: int = 0
     """CPU threads of each learner actor's torch: N, or 0 (auto): every core the actor may run on
     when nothing else computes meanwhile (an SFT stage, or GRPO with ``algo.max_staleness: 0``,

@@ -23,18 +23,9 @@ from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_d
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
+from learner.prefix import prefix_shared_logprobs, token_logprobs
 
 log = logging.getLogger(__name__)
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0, return_logits: bool = False):
-    """``[B, L]`` logprob of each token given its prefix (position 0 gets 0)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
-    return (lp, logits) if return_logits else lp
 
 
 class TorchBackend:
@@ -108,6 +99,15 @@ class TorchBackend:
         for i in range(0, len(batch), self.cfg.micro_batch_size):
             yield batch.slice(i, i + self.cfg.micro_batch_size).to(self.device)
 
+    def _logprobs(self, model, mb: TrainBatch, return_logits: bool = False):
+        """Response logprobs of ``mb`` (see :mod:`learner.prefix`); with ``return_logits`` also
+        ``(logits, mask)`` for the entropy."""
+        if self.cfg.share_prompts:
+            return prefix_shared_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
+                                          self.temperature, return_logits)
+        out = token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature, return_logits)
+        return (out[0], (out[1], mb.response_mask[:, 1:])) if return_logits else out
+
     # ---- LearnerBackend -----------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
@@ -115,24 +115,26 @@ class TorchBackend:
         width = batch.input_ids.shape[1]
         if len(batch) == 0:
             return torch.zeros((0, width))
-        out = [token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature).cpu()
-               for mb in self._micro(batch)]
+        out = [self._logprobs(model, mb).cpu() for mb in self._micro(batch)]
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
         """``learner.mini_batches`` optimizer steps on ``batch``; the version advances by one."""
         lc = self.cfg.loss
         token_level = lc.aggregation == "token_mean"
-        with torch.no_grad():  # taken once, before any update: the PPO "old" policy
-            ref_all = self.logprobs(batch, self.ref) if self.ref is not None else None
-            old_all = self.logprobs(batch) if lc.old_logprobs == "learner" else None
+        recompute = lc.old_logprobs == "learner"
         # the same number of optimizer steps (and so of collectives) on every data-parallel rank,
         # whatever its shard size: a short shard gets empty mini-batches, not fewer of them
         n_mini = self.cfg.mini_batches
         bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
+        with torch.no_grad():  # taken once, before any update: the PPO "old" policy
+            ref_all = self.logprobs(batch, self.ref) if self.ref is not None else None
+            # the first mini-batch's old logprobs are its own update forward's (the weights have
+            # not moved yet): only the later mini-batches need a forward of their own
+            old_rest = self.logprobs(batch.slice(bounds[1], len(batch))) if recompute else None
         sums: dict[str, float] = {}
         norms = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             mini = batch.slice(lo, hi)
             local = float(mini.response_mask.sum()) if token_level else float(len(mini))
             total = self._global_sum(local)
@@ -141,13 +143,13 @@ class TorchBackend:
                 mb = mini.slice(off, end).to(self.device)
                 sl = slice(lo + off, lo + end)
                 ref_lp = ref_all[sl].to(self.device) if ref_all is not None else None
-                if old_all is not None:
-                    old_lp = old_all[sl].to(self.device)
+                lp, (logits, logits_mask) = self._logprobs(self.model, mb, return_logits=True)
+                if recompute:
+                    old_lp = lp.detach() if j == 0 else \
+                        old_rest[lo + off - bounds[1]:lo + end - bounds[1]].to(self.device)
                     is_w = truncated_is_weight(old_lp, mb.rollout_logprobs, lc.tis_cap)
                 else:
                     old_lp, is_w = mb.rollout_logprobs, None
-                lp, logits = token_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                            self.temperature, return_logits=True)
                 width = lp.shape[1]
                 mask = mb.response_mask
                 old_lp, ref_lp = old_lp[:, :width], (ref_lp[:, :width] if ref_lp is not None else None)
@@ -158,12 +160,12 @@ class TorchBackend:
                 (loss * (units / total)).backward()
                 ntok = float(mask.sum())
                 with torch.no_grad():
-                    st["entropy"] = masked_entropy(logits, mask[:, 1:])
+                    st["entropy"] = masked_entropy(logits, logits_mask)
                     st["logprob_mismatch"] = float(((old_lp - mb.rollout_logprobs).abs() * mask).sum()
-                                                   / mask.sum().clamp_min(1)) if old_all is not None else 0.0
+                                                   / mask.sum().clamp_min(1)) if recompute else 0.0
                     if is_w is not None:
                         st["is_weight_mean"] = float((is_w * mask).sum() / mask.sum().clamp_min(1))
-                st["loss"] = float(loss)
+                st["loss"] = float(loss.detach())
                 for k, v in st.items():  # token-weighted means over micro-batches
                     sums[k] = sums.get(k, 0.0) + v * ntok
                 sums["_tokens"] = sums.get("_tokens", 0.0) + ntok

@@ -1,0 +1,99 @@
+"""Token logprobs with each distinct prompt run once: the G samples of a GRPO group share it.
+
+A group's rows are ``prompt + response_i``; the plain forward (:func:`token_logprobs`) runs the
+prompt G times. Here the distinct prompts of a batch run once (right-padded, with the KV cache
+kept), their keys and values are repeated to the rows that share them (``index_select``, so
+gradients flow back through them into the one prompt forward), and the responses run on top with
+their true positions. For the demo's batch (16 prompts x 8 samples, prompts about half the tokens)
+that is ~1.8x fewer tokens through the model, with or without gradients.
+
+Only response positions get a logprob (prompt positions hold 0, where :func:`token_logprobs`
+holds the prompt's own logprobs): every user of the result (GRPO loss, KL, ratio) masks them by
+``response_mask``. The result equals the plain forward's to float round-off (the test compares).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, return_logits: bool = False):
+    """``[B, L]`` logprob of each token given its prefix (position 0 gets 0). With
+    ``return_logits``: also the ``[B, L-1, V]`` logits that predict tokens ``1..L-1``."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
+    return (lp, logits) if return_logits else lp
+
+
+def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """Each row's prompt length and response length, or ``None`` when a row is not one prompt
+    followed by one response (no response, or a gap), where only the plain forward is right."""
+    rm = response_mask > 0
+    rlen = rm.sum(1)
+    if input_ids.shape[0] == 0 or bool((rlen == 0).any()):
+        return None
+    plen = rm.float().argmax(1)  # first response position
+    if bool((plen == 0).any()):
+        return None  # no prompt token to predict the first response token from
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+    contiguous = (rm == ((cols >= plen[:, None]) & (cols < (plen + rlen)[:, None]))).all()
+    if not bool(contiguous) or bool((attention_mask.sum(1) != plen + rlen).any()):
+        return None
+    return plen, rlen
+
+
+def prefix_shared_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           response_mask: torch.Tensor, temperature: float = 1.0,
+                           return_logits: bool = False):
+    """Like :func:`token_logprobs` on response positions, each distinct prompt run once.
+
+    Returns ``lp`` (``[B, L]``), and with ``return_logits`` also ``(logits, logits_mask)``: the
+    ``[B, R, V]`` logits that predict the ``R`` response positions and the ``[B, R]`` mask of the
+    real ones (for the entropy). Falls back to the plain forward (then ``logits_mask`` is
+    ``response_mask[:, 1:]``) when no two rows share a prompt or a row is not prompt + response.
+    """
+    split = split_rows(input_ids, attention_mask, response_mask)
+    keys = None
+    if split is not None:
+        plen, rlen = split
+        keys = [tuple(input_ids[i, :int(plen[i])].tolist()) for i in range(input_ids.shape[0])]
+        index: dict[tuple, int] = {}
+        inv = [index.setdefault(k, len(index)) for k in keys]
+    if split is None or len(index) == len(keys):
+        out = token_logprobs(model, input_ids, attention_mask, temperature, return_logits)
+        return (out[0], (out[1], response_mask[:, 1:])) if return_logits else out
+    from transformers import DynamicCache
+
+    dev = input_ids.device
+    n, width = input_ids.shape
+    inv_t = torch.tensor(inv, device=dev)
+    first = [inv.index(u) for u in range(len(index))]  # a row holding each distinct prompt
+    first_t = torch.tensor(first, device=dev)
+    u_len = plen[first_t]
+    lp_max = int(u_len.max())
+    # distinct prompts, right-padded: no query row is fully masked (left padding would give the
+    # pad rows nothing to attend to)
+    cols = torch.arange(lp_max, device=dev)
+    p_mask = (cols[None, :] < u_len[:, None]).long()
+    p_ids = input_ids[first_t, :lp_max] * p_mask
+    p_out = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+    last = p_out.logits[torch.arange(len(first), device=dev), u_len - 1]  # predicts response token 0
+    kv = [(k.index_select(0, inv_t), v.index_select(0, inv_t)) for k, v, *_ in p_out.past_key_values]
+    # responses on top, at their true positions
+    r_max = int(rlen.max())
+    rcols = torch.arange(r_max, device=dev)
+    valid = rcols[None, :] < rlen[:, None]
+    src = (plen[:, None] + rcols[None, :]).clamp(max=width - 1)
+    r_ids = input_ids.gather(1, src) * valid
+    r_mask = torch.cat([p_mask.index_select(0, inv_t), valid.long()], dim=1)
+    r_out = model(input_ids=r_ids, attention_mask=r_mask, position_ids=plen[:, None] + rcols[None, :],
+                  past_key_values=DynamicCache(kv), use_cache=True)
+    logits = torch.cat([last.index_select(0, inv_t)[:, None], r_out.logits[:, :-1]], dim=1)
+    logits = logits.float() / temperature
+    lp_r = torch.log_softmax(logits, dim=-1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1) * valid
+    # back to the batch's layout; invalid entries go to a spare column that is dropped
+    dst = torch.where(valid, plen[:, None] + rcols[None, :], torch.full_like(src, width))
+    lp = lp_r.new_zeros(n, width + 1).scatter(1, dst, lp_r)[:, :width]
+    return (lp, (logits, valid)) if return_logits else lp
