@@ -51,7 +51,7 @@ def stamp(line: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=2000, help="long enough to outlast the measurement (the job is killed after it)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="aha-bench-ops-")
     cluster = RayCluster(head_cpus=4, node_cpus=4).start()  # what the tests run on (tests/conftest.py)
@@ -70,11 +70,16 @@ def main() -> None:
             victim = cluster.actors("RolloutActor", name_suffix="-1")[0]
             t_kill = time.time()
             os.kill(victim["pid"], signal.SIGKILL)
-            wait_for(lambda: "engine(s) [2] serving" in log.read_text(), 300, proc, "the replacement")
-            line = next(x for x in log.read_text().splitlines() if "engine(s) [2] serving" in x)
-            replaced_s = stamp(line) - t_kill
-            died = next(x for x in log.read_text().splitlines() if "rollout engine 1 " in x and "ERROR" in x)
+            serving = re.compile(r"rollout pool: engine\(s\) \[[\d, ]*\b2\b[\d, ]*\] serving")
+            wait_for(lambda: serving.search(log.read_text()), 300, proc, "the replacement")
+            lines = log.read_text().splitlines()
+            replaced_s = stamp(next(x for x in lines if serving.search(x))) - t_kill
+            died = next(x for x in lines if "rollout engine 1 " in x and "ERROR" in x)
             noticed_s = stamp(died) - t_kill
+            # a kill inside a weight sync can take the other engine's receive down with it (its
+            # gloo broadcast never completes): it is then replaced too; say which happened
+            removed = [x.split("rollout engine ")[1].split(":")[0] for x in lines
+                       if "removed from the pool" in x and stamp(x) >= t_kill - 1]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -86,6 +91,7 @@ def main() -> None:
         print(f"{k:28}{one[k]:12.3f}{two[k]:12.3f}{two[k] / one[k]:8.2f}")
     print(f"(steps measured: {one['steps']} and {two['steps']})")
     print(f"\nengine killed -> death noticed {noticed_s:.1f} s -> replacement serving {replaced_s:.1f} s")
+    print("removed after the kill: " + "; ".join(f"engine {x}" for x in removed))
 
 
 if __name__ == "__main__":

@@ -377,23 +377,26 @@ def table(results: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["system"], []).append(summarize(r))
-    names = [n for n in ("trl", "aha_s1", "aha_s0") if n in by]
+    names = sorted(by, key=lambda n: (n != "trl", "+" in n, n != "aha_s1", n))  # trl, aha_s1, aha_s0, variants
     med = {n: {k: statistics.median(s[k] for s in by[n]) for k in by[n][0]} for n in names}
     rng = {n: {k: (min(s[k] for s in by[n]), max(s[k] for s in by[n])) for k in by[n][0]}
            for n in names}
     lines = []
     head = ["median step (s)", "samples/s", "start to first step (s)"]
-    lines.append(f"{'':>10} | " + " | ".join(f"{h:>27}" for h in head) + " | rounds")
+    w = max(10, *(len(n) + 4 for n in names))
+    lines.append(f"{'':>{w}} | " + " | ".join(f"{h:>27}" for h in head) + " | rounds")
     for n in names:
         cells = [f"{med[n][h]:7.2f} ({rng[n][h][0]:.2f}-{rng[n][h][1]:.2f})" for h in head]
-        lines.append(f"{n:>10} | " + " | ".join(f"{c:>27}" for c in cells) + f" | {len(by[n])}")
+        lines.append(f"{n:>{w}} | " + " | ".join(f"{c:>27}" for c in cells) + f" | {len(by[n])}")
     if "trl" in med:
         for n in names[1:]:
             cells = [f"{med[n][h] / med['trl'][h]:7.2f}x" for h in head]
-            lines.append(f"{n + '/trl':>10} | " + " | ".join(f"{c:>27}" for c in cells) + " |")
-    if "aha_s1" in med and "aha_s0" in med:
-        lines.append(f"async speed-up (samples/s s1 / s0): "
-                     f"{med['aha_s1']['samples/s'] / med['aha_s0']['samples/s']:.2f}x")
+            lines.append(f"{n + '/trl':>{w}} | " + " | ".join(f"{c:>27}" for c in cells) + " |")
+    for n in names:  # each variant's asynchronous run against its synchronous one
+        sync = n.replace("aha_s1", "aha_s0", 1)
+        if n.startswith("aha_s1") and sync in med:
+            lines.append(f"async speed-up (samples/s {n} / {sync}): "
+                         f"{med[n]['samples/s'] / med[sync]['samples/s']:.2f}x")
     lines.append("")
     lines.append("phases, median seconds per step (medians over rounds)")
     for n in names:
@@ -439,7 +442,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-vs-trl"))
-    ap.add_argument("--systems", default="trl,aha1,aha0")
+    ap.add_argument("--systems", default="trl,aha1,aha0",
+                    help="comma-separated: trl, aha1 (max_staleness 1), aha0, and variants such as "
+                         "aha1+learner.share_prompts=false (aha with more overrides)")
     ap.add_argument("--timeline", action="store_true", help="print each aha run's start-up timeline")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     ap.add_argument("--wait-idle", type=float, default=900.0,
@@ -461,9 +466,12 @@ def main() -> int:
             log(f"round {k + 1}/{a.rounds}: {s} (machine {busy:.0f}% busy before)")
             if s == "trl":
                 r = run_trl(py, job, cache, tag, a.timeout)
-            else:
-                r = run_aha(ckpt, int(s.removeprefix("aha")), a.steps, cache, tag, a.overrides,
-                            a.timeout)
+            else:  # aha<staleness>[+key=value...]: a variant with overrides of its own
+                base, *extra = s.split("+")
+                tag = f"{stamp}-r{k}-{base}-v{systems.index(s)}" if extra else tag
+                r = run_aha(ckpt, int(base.removeprefix("aha")), a.steps, cache, tag,
+                            [*a.overrides, *extra], a.timeout)
+                r["system"] = "+".join([r["system"], *extra])
             r["tag"], r["round"], r["busy_before"] = tag, k, busy
             results.append(r)
             with open(os.path.join(cache, "results.jsonl"), "a") as f:
