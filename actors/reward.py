@@ -58,12 +58,23 @@ class RewardPool:
     (:meth:`restart`); its lost batch is the caller's to resubmit (the stream retries it once)."""
 
     def __init__(self, cfg: RewardConfig, num_cpus: float = 1.0, start_timeout_s: float = 300.0,
-                 resources: dict | None = None):
+                 resources: dict | None = None, wait: bool = True):
+        """``wait=False`` returns while the actors start (they start beside the engines and the
+        learner); :meth:`wait_ready` waits for them, as does every call that needs them."""
         self.cfg, self.num_cpus, self.timeout_s = cfg, num_cpus, start_timeout_s
         self.resources = dict(resources or {})
         self.actors = [self._start(i) for i in range(cfg.num_actors)]
-        get_all([a.ready.remote() for a in self.actors], "reward actor start", start_timeout_s)
+        self._starting = [a.ready.remote() for a in self.actors]
         self._rr = itertools.cycle(range(len(self.actors)))
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait (within the start timeout) until the actors started by the constructor are up; an
+        actor that cannot start raises here, with its error."""
+        if self._starting:
+            starting, self._starting = self._starting, None
+            get_all(starting, "reward actor start", self.timeout_s)
 
     def _start(self, index: int):
         return RewardActor.options(num_cpus=self.num_cpus, resources=self.resources).remote(self.cfg, index)
@@ -71,11 +82,13 @@ class RewardPool:
     def async_score(self, rollout_ref) -> tuple["ray.ObjectRef", int]:
         """Chain scoring onto a pending rollout result; returns ``(scored ref, reward actor index)``
         at once."""
+        self.wait_ready()
         i = next(self._rr)
         return self.actors[i].score_rollout.remote(rollout_ref), i
 
     def restart(self, index: int, why: str) -> None:
         """Replace reward actor ``index`` (stateless: nothing to restore) and wait until it is up."""
+        self.wait_ready()
         if index >= len(self.actors):
             return  # scaled away; its batch is scored again by another actor
         log.error("reward actor %d died (%s); starting a replacement", index, why)
@@ -91,6 +104,7 @@ class RewardPool:
         queued on it, then exits (Ray runs an actor's calls in order)."""
         if n < 1:
             raise ValueError(f"reward pool size must be >= 1, got {n}")
+        self.wait_ready()
         have = len(self.actors)
         if n > have:
             new = [self._start(i) for i in range(have, n)]
@@ -112,6 +126,7 @@ class RewardPool:
     def vote(self, groups: list) -> list[float]:
         """cons@k of each ``(answers, correctness)`` group, on one reward actor (its killable
         math-verify workers), within the pool's timeout."""
+        self.wait_ready()
         actor = self.actors[next(self._rr)]
         return get_all([actor.vote.remote(groups)], "cons@k vote", self.timeout_s)[0]
 

@@ -325,6 +325,8 @@ def aha_child(out: str, overrides: list[str]) -> int:
     t = time.time()
     ctl = cc.Controller(cfg)
     events.append(("controller init (run dir)", t, time.time()))
+    if hasattr(ctl, "prefetch"):  # as `aha train` does: the tokenizer loads while Ray starts
+        ctl.prefetch()
     t = time.time()
     cc.start_ray(cfg)
     events.append(("ray.init (local cluster)", t, time.time()))

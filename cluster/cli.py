@@ -37,6 +37,7 @@ def _train(config: str | None, overrides: list[str], address: str | None, resume
         return 2
     with open(os.path.join(ctl.run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    ctl.prefetch()  # the first stage's tokenizer loads while Ray starts
     start_ray(cfg)
     try:
         results = ctl.run()

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import random
+import threading
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, Iterator
 
@@ -279,7 +281,7 @@ class Controller:
         if self.rewards is not None:
             self.rewards.shutdown()
         self.rewards = RewardPool(rc, num_cpus=self.cfg.run.reward_cpus, start_timeout_s=self.cfg.run.timeout_s,
-                                  resources=self.cfg.run.reward_resources)
+                                  resources=self.cfg.run.reward_resources, wait=False)  # awaited at first use
         self._reward_cfg, self.reward_counters = want, {}
 
     def evaluate(self, rollouts, test: list[PromptRecord], job: JobConfig, stage: str, step: int) -> dict:
@@ -340,6 +342,15 @@ class Controller:
             self.control = Control.start(job_id_from_env(self.cfg.run.name))
         except Exception as e:  # noqa: BLE001 - the job runs without remote control
             log.warning("job control unavailable (aha status/scale/stop will not reach this job): %s", e)
+
+    def prefetch(self) -> None:
+        """Start loading the first stage to run's tokenizer (:func:`prefetch_tokenizer`)."""
+        for i, st in enumerate(self.cfg.stages):
+            if self.plan[i] is None:
+                path = self.input_model(i, st)
+                if os.path.isdir(path):
+                    prefetch_tokenizer(path)
+                return
 
     # ---- the job ----------------------------------------------------------------------------
     def run(self) -> dict[str, dict]:
@@ -434,9 +445,36 @@ def in_stage_checkpoint(path: str, stage_hash: str) -> dict | None:
         return {**json.load(f), "dir": path}
 
 
-def tokenizer(path: str):
+_PREFETCHED: dict[str, Future] = {}
+
+
+def prefetch_tokenizer(path: str) -> None:
+    """Start loading ``path``'s tokenizer in a thread; the next :func:`tokenizer` call for that
+    path takes it. The driver's first one costs ~3 s (importing transformers): this lets it run
+    while Ray starts."""
+    if path in _PREFETCHED:
+        return
+    fut: Future = Future()
+
+    def load():
+        try:
+            fut.set_result(_load_tokenizer(path))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of tokenizer()
+            fut.set_exception(e)
+
+    _PREFETCHED[path] = fut
+    threading.Thread(target=load, name="aha-tokenizer-prefetch", daemon=True).start()
+
+
+def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer(path: str):
+    """``path``'s tokenizer: a fresh one, or the one :func:`prefetch_tokenizer` loaded (once)."""
+    fut = _PREFETCHED.pop(path, None)
+    return fut.result() if fut is not None else _load_tokenizer(path)
 
 
 def start_ray(cfg: JobConfig) -> None:

@@ -78,6 +78,7 @@ def run(ctl, i, st, job) -> dict:
         if resumed:
             learners.load_state(os.path.join(resumed["dir"], "learner"))
         rollouts.wait_ready()
+        ctl.rewards.wait_ready()  # started before the stage, beside the engines and the learner
     except BaseException:
         rollouts.shutdown()
         raise
