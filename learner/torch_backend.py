@@ -51,6 +51,7 @@ class TorchBackend:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
         self.version = 0
+        self._share_ok = True  # learner.share_prompts works with this model (see _logprobs)
 
     # ---- distributed helpers ------------------------------------------------------------------
     @staticmethod
@@ -102,9 +103,15 @@ class TorchBackend:
     def _logprobs(self, model, mb: TrainBatch, return_logits: bool = False):
         """Response logprobs of ``mb`` (see :mod:`learner.prefix`); with ``return_logits`` also
         ``(logits, mask)`` for the entropy."""
-        if self.cfg.share_prompts:
-            return prefix_shared_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
-                                          self.temperature, return_logits)
+        if self.cfg.share_prompts and self._share_ok:
+            try:
+                return prefix_shared_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
+                                              self.temperature, return_logits)
+            except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+                # a model whose forward takes no position_ids / handed-in KV cache: say so once
+                self._share_ok = False
+                log.warning("learner.share_prompts: %s cannot run prompts once per group (%s: %s); "
+                            "using the plain forward", type(model).__name__, type(e).__name__, e)
         out = token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature, return_logits)
         return (out[0], (out[1], mb.response_mask[:, 1:])) if return_logits else out
 

@@ -64,3 +64,28 @@ def test_rows_that_are_not_prompt_then_response_use_the_plain_forward(model):
     assert torch.equal(lmask, mask[:, 1:])
     with torch.no_grad():
         assert torch.allclose(lp, token_logprobs(model, b.input_ids, b.attention_mask))
+
+
+def test_a_model_that_takes_no_kv_cache_falls_back_to_the_plain_forward(tmp_path, caplog):
+    from learner.config import LearnerConfig
+    from learner.torch_backend import TorchBackend
+    from rollout.tiny import create_tiny_model
+
+    be = TorchBackend(create_tiny_model(str(tmp_path)), LearnerConfig())
+    inner = be.model
+
+    class NoCache(torch.nn.Module):  # a forward without position_ids or a handed-in cache
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    b = batch()
+    be.model = NoCache()
+    with caplog.at_level("WARNING"):
+        lp = be.logprobs(b)
+    assert "using the plain forward" in caplog.text and not be._share_ok
+    with torch.no_grad():
+        assert torch.allclose(lp, token_logprobs(inner, b.input_ids, b.attention_mask))
