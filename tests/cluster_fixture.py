@@ -84,15 +84,7 @@ class RayCluster:
         """The processes of node ``name`` (``h`` the head, ``n`` the second node, or one added):
         those naming its temp dir (raylet, agents) and their children (workers, their engines)."""
         mark = f"{self.temp_dir}/{name}/"
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(mark in c for c in (p.info["cmdline"] or [])):
-                    for q in (p, *p.children(recursive=True)):
-                        found.setdefault(q.pid, q)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return list(found.values())
+        return _with_children(lambda p: any(mark in c for c in (p.info["cmdline"] or [])))
 
     def kill_node(self, name: str) -> int:
         """The machine of node ``name`` is gone: SIGKILL every process of it at once, raylet first
@@ -100,12 +92,7 @@ class RayCluster:
         procs = sorted(self.node_processes(name), key=lambda p: _name(p) != "raylet")
         if not procs:
             raise RuntimeError(f"node {name!r} of the test cluster has no processes")
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _kill_all(procs, timeout=10)
         return len(procs)
 
     def node_of(self, pid: int) -> str | None:
@@ -174,20 +161,10 @@ class RayCluster:
         """Every process of this cluster: the marker in its environment, or the temp dir in its
         command line (and their children)."""
         me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            if p.pid in me:
-                continue
-            try:
-                mine = any(self.temp_dir in c for c in (p.info["cmdline"] or [])) or \
-                    p.environ().get(MARKER) == self.temp_dir
-                if mine:
-                    found[p.pid] = p
-                    for c in p.children(recursive=True):
-                        found.setdefault(c.pid, c)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return [p for pid, p in found.items() if pid not in me]
+        found = _with_children(lambda p: p.pid not in me and (
+            any(self.temp_dir in c for c in (p.info["cmdline"] or []))
+            or p.environ().get(MARKER) == self.temp_dir))
+        return [p for p in found if p.pid not in me]
 
     def stop(self, grace_s: float = 10.0) -> None:
         """End this cluster's processes (raylets first, so they stop their workers), then delete
@@ -201,17 +178,35 @@ class RayCluster:
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(group, timeout=grace_s / 2)
-        rest = self.processes()
-        for p in rest:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(rest, timeout=5)
+        _kill_all(self.processes(), timeout=5)
         left = [p.pid for p in self.processes() if _alive(p)]
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if left:
             raise RuntimeError(f"processes of the test cluster survived its teardown: {left}")
+
+
+def _with_children(match) -> list[psutil.Process]:
+    """The processes for which ``match(p)`` holds (``p.info["cmdline"]`` is filled in), and all
+    their descendants, each once."""
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if match(p):
+                for q in (p, *p.children(recursive=True)):
+                    found.setdefault(q.pid, q)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return list(found.values())
+
+
+def _kill_all(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGKILL ``procs`` (gone ones are skipped) and wait up to ``timeout`` for them to exit."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 def _name(p: psutil.Process) -> str:
