@@ -27,6 +27,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (lp, logits) if return_logits else lp
 
 
+def plain_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_mask: torch.Tensor, temperature: float = 1.0, return_logits: bool = False):
+    """:func:`token_logprobs` with :func:`prefix_shared_logprobs`'s return shape: with
+    ``return_logits``, ``(lp, (logits, response_mask[:, 1:]))``."""
+    out = token_logprobs(model, input_ids, attention_mask, temperature, return_logits)
+    return (out[0], (out[1], response_mask[:, 1:])) if return_logits else out
+
+
 def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """Each row's prompt length and response length, or ``None`` when a row is not one prompt
     followed by one response (no response, or a gap), where only the plain forward is right."""
@@ -55,21 +63,23 @@ def prefix_shared_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     ``response_mask[:, 1:]``) when no two rows share a prompt or a row is not prompt + response.
     """
     split = split_rows(input_ids, attention_mask, response_mask)
-    keys = None
-    if split is not None:
-        plen, rlen = split
-        keys = [tuple(input_ids[i, :int(plen[i])].tolist()) for i in range(input_ids.shape[0])]
-        index: dict[tuple, int] = {}
-        inv = [index.setdefault(k, len(index)) for k in keys]
-    if split is None or len(index) == len(keys):
-        out = token_logprobs(model, input_ids, attention_mask, temperature, return_logits)
-        return (out[0], (out[1], response_mask[:, 1:])) if return_logits else out
+    if split is None:
+        return plain_logprobs(model, input_ids, attention_mask, response_mask, temperature, return_logits)
+    plen, rlen = split
+    n, width = input_ids.shape
+    index: dict[tuple, int] = {}  # distinct prompt -> its number
+    inv, first = [], []  # each row's prompt number; the first row holding each distinct prompt
+    for i in range(n):
+        u = index.setdefault(tuple(input_ids[i, :int(plen[i])].tolist()), len(index))
+        if u == len(first):
+            first.append(i)
+        inv.append(u)
+    if len(first) == n:  # no two rows share a prompt
+        return plain_logprobs(model, input_ids, attention_mask, response_mask, temperature, return_logits)
     from transformers import DynamicCache
 
     dev = input_ids.device
-    n, width = input_ids.shape
     inv_t = torch.tensor(inv, device=dev)
-    first = [inv.index(u) for u in range(len(index))]  # a row holding each distinct prompt
     first_t = torch.tensor(first, device=dev)
     u_len = plen[first_t]
     lp_max = int(u_len.max())

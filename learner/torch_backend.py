@@ -23,7 +23,7 @@ from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_d
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
-from learner.prefix import prefix_shared_logprobs, token_logprobs
+from learner.prefix import plain_logprobs, prefix_shared_logprobs, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class TorchBackend:
                 self._share_ok = False
                 log.warning("learner.share_prompts: %s cannot run prompts once per group (%s: %s); "
                             "using the plain forward", type(model).__name__, type(e).__name__, e)
-        out = token_logprobs(model, mb.input_ids, mb.attention_mask, self.temperature, return_logits)
-        return (out[0], (out[1], mb.response_mask[:, 1:])) if return_logits else out
+        return plain_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
+                              self.temperature, return_logits)
 
     # ---- LearnerBackend -----------------------------------------------------------------------
     @torch.no_grad()
