@@ -22,7 +22,12 @@ def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -
     """``ray.get`` each ref, failing fast: the first failure raises :class:`ActorCallError` (naming
     every actor failed by then) without waiting for the others, which matters when they are blocked
     in a collective the failed one will never join. ``TimeoutError`` names the actors still running
-    after ``timeout_s``."""
+    after ``timeout_s``.
+
+    The other calls are left to finish or fail, never ``ray.cancel``-ed: in Ray 2.60 cancelling an
+    actor call that has not reached its actor yet leaves a gap in the actor's call order, and the
+    actor then fails every later call with ``ActorUnavailableError`` after 30 s (a learner's next
+    weight sync, say). A caller that must stop a hung actor kills or terminates it."""
     import time
 
     refs = list(refs)
@@ -35,8 +40,6 @@ def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not done:
             idx = sorted(index[r] for r in pending)
-            for r in pending:
-                ray.cancel(r, force=False)
             raise TimeoutError(f"{what}: actor(s) {idx} did not answer within {timeout_s:.0f}s")
         errors = {}
         for r in done:
@@ -45,11 +48,6 @@ def get_all(refs: Sequence[ray.ObjectRef], what: str, timeout_s: float | None) -
             except Exception as e:  # noqa: BLE001 - reported per actor below
                 errors[index[r]] = e
         if errors:
-            for r in pending:
-                try:
-                    ray.cancel(r)
-                except Exception:  # noqa: BLE001 - best effort
-                    pass
             raise ActorCallError(what, errors)
     return [results[i] for i in range(len(refs))]
 

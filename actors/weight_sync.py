@@ -137,7 +137,7 @@ class WeightSync:
                     self.rollouts.terminate(i)
             # the survivors' calls fail (or finish) once the group's timeout passes at the latest
             ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30)
-            # get_all cancelled the other calls: ask each engine whether it is still there
+            # a failed call does not say whose fault it was: ask each engine whether it is still there
             probes = {i: a.ready.remote() for i, a in live if i not in lost}
             for i, ref in probes.items():
                 try:

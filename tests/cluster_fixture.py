@@ -232,6 +232,8 @@ def wait_for(cond, timeout_s: float, proc=None, what: str = "condition"):
         if got:
             return got
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the job ended first (rc {proc.returncode})")
+            log = getattr(proc, "log_path", None)  # set by the tests' start_job
+            tail = open(log, errors="replace").read()[-4000:] if log else ""
+            raise AssertionError(f"{what}: the job ended first (rc {proc.returncode})\n{tail}")
         time.sleep(0.5)
     raise AssertionError(f"{what} within {timeout_s:.0f} s")

@@ -27,6 +27,19 @@ def grpo_rows(run_dir):
     return [r for r in rows(run_dir / "metrics.jsonl") if r.get("stage") == "1-grpo"]
 
 
+def assert_one_version_per_update(got):
+    """The weight version advances by one at every step that trained; a step whose every sample
+    was masked (all truncated, say: the tiny model does that now and then over a long run) skips
+    its update and says so in ``steps_skipped``, cumulative across a resume."""
+    version = skipped = 0
+    for r in got:
+        if r["loss_samples"] == 0:
+            skipped += 1
+        else:
+            version += 1
+        assert (r["weight_version"], r["steps_skipped"]) == (version, skipped), (r["step"], r)
+
+
 JOB = ["cluster/configs/demo.yaml", "stages.0.steps=20", "algo.prompts_per_step=4", "rollout.group_size=2",
        "eval.num_prompts=4", "eval.k=1", "run.dashboard=false", "run.tensorboard=false",
        "rollout.sync_timeout_s=20", "rollout.generate_timeout_s=60"]
@@ -37,8 +50,9 @@ def start_job(cluster, tmp_path, name, overrides, env_extra=None):
             *overrides]
     env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, **(env_extra or {})}
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), \
-        tmp_path / name, tmp_path / f"{name}.log"
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = tmp_path / f"{name}.log"  # wait_for shows its tail when the job ends early
+    return proc, tmp_path / name, proc.log_path
 
 
 def test_dead_engines_and_reward_actors_are_replaced_and_counted(ray_cluster, tmp_path):
@@ -94,7 +108,7 @@ def test_dead_engines_and_reward_actors_are_replaced_and_counted(ray_cluster, tm
     assert summary["trained"] == 40 * 4 * 2
     # staleness stays within the bound; versions advance one per step
     assert max(r["staleness_max"] for r in got) <= 1
-    assert [r["weight_version"] for r in got] == list(range(1, 41))
+    assert_one_version_per_update(got)
 
 
 def test_a_killed_learner_stops_the_job_and_says_how_to_resume(ray_cluster, tmp_path):
@@ -151,7 +165,7 @@ def test_a_lost_node_is_survived_like_a_dead_engine(ray_cluster, tmp_path):
     assert "engine(s) [1] serving" in text, text[-3000:]  # the replacement got the weights and served
     got = grpo_rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, steps + 1))
-    assert [r["weight_version"] for r in got] == list(range(1, steps + 1))
+    assert_one_version_per_update(got)
     assert max(r["staleness_max"] for r in got) <= 1
     assert got[-1]["rollout_engines_died"] == 1 and got[-1]["rollout_engines_replaced"] == 1
     assert got[-1]["samples_dropped_actor_died"] >= 2  # the request in flight on the lost node
