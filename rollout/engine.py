@@ -9,6 +9,7 @@ its logits by the same temperature to compare (``learner.torch_backend`` does).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -111,6 +112,35 @@ class RolloutConfig:
                              f"transfer: it needs {where}.gpus_per_actor > 0 (use torch_dist on CPU)")
 
 
+def _no_logprob_token_text() -> bool:
+    """Make vLLM's output processor skip the text of each logprob's token: aha reads only the
+    numbers, and decoding every sampled token once more (one tokenizer call per token, beside the
+    incremental detokenizer that makes the response text) took ~11 % of a generate call on the
+    demo's job (bench/README.md). vLLM does the same itself for a request without detokenization;
+    the response text and stop strings are unaffected. Returns whether it applies (this vLLM's
+    ``LogprobsProcessor`` is the one it was written for); idempotent."""
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        return False
+    new = getattr(LogprobsProcessor.from_new_request, "__func__", None)
+    if getattr(new, "_aha_no_token_text", False):
+        return True
+    params = list(inspect.signature(LogprobsProcessor.from_new_request).parameters)
+    if params != ["tokenizer", "request"]:
+        log.warning("vLLM's LogprobsProcessor.from_new_request%s is not the one aha knows: logprob "
+                    "token texts are decoded as usual", params)
+        return False
+    plain = new
+
+    def from_new_request(cls, tokenizer, request):
+        return plain(cls, None, request)
+
+    from_new_request._aha_no_token_text = True
+    LogprobsProcessor.from_new_request = classmethod(from_new_request)
+    return True
+
+
 class VllmEngine:
     """One vLLM engine. Not thread-safe: one call at a time (the Ray actor guarantees it)."""
 
@@ -129,6 +159,7 @@ class VllmEngine:
         if single:  # read when the engine is built: set before
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
+        _no_logprob_token_text()
         t0 = time.time()
         native = {}
         if cfg.weight_transport.startswith("vllm_"):

@@ -97,6 +97,10 @@ def test_generated_samples_carry_version_and_logprobs(setup):
     for s in samples:
         assert len(s.response_logprobs) == len(s.response_ids) > 0
         assert all(lp <= 0 for lp in s.response_logprobs)
+        # logprob token texts are skipped (rollout.engine._no_logprob_token_text), the response's is not
+        assert s.response == engine.tokenizer.decode(s.response_ids)
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+    assert LogprobsProcessor.from_new_request.__func__._aha_no_token_text
     assert [s.group_index for s in samples[:4]] == [0, 1, 2, 3]
 
 
