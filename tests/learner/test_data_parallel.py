@@ -22,6 +22,14 @@ def _cfg(aggregation):
                                                                       old_logprobs="learner"))
 
 
+def _close():
+    # both ranks tear down together: a rank that destroyed its group and exited while the other was
+    # still writing its result once aborted that one in gloo ("terminate called without an active
+    # exception", SIGABRT; seen once in a full suite run)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(rank, world, port, path, aggregation, out):
     from learner.torch_backend import TorchBackend
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -30,7 +38,7 @@ def _worker(rank, world, port, path, aggregation, out):
     b.train_grpo(_batch().shard(rank, world))
     if rank == 0:
         torch.save({n: p.detach().clone() for n, p in b.model.named_parameters()}, out)
-    dist.destroy_process_group()
+    _close()
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -65,7 +73,7 @@ def _uneven_worker(rank, world, port, path, n, out):
     b.train_grpo(full.shard(rank, world))
     if rank == 0:
         torch.save({nm: p.detach().clone() for nm, p in b.model.named_parameters()}, out)
-    dist.destroy_process_group()
+    _close()
 
 
 def test_uneven_and_empty_shards_take_the_same_steps(tmp_path):

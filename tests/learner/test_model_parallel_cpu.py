@@ -22,6 +22,7 @@ def _entropy_worker(rank, world, port, out):
     mean = masked_entropy(part, mask, dist.group.WORLD)
     if rank == 0:
         torch.save({"ent": got, "mean": mean}, out)
+    dist.barrier()  # tear down together (see test_data_parallel._close)
     dist.destroy_process_group()
 
 
@@ -59,6 +60,7 @@ def _stream_worker(rank, world, port, out):
 
     got = [(n, t.clone()) for n, t in stream_stages_to_rank0(local(), stage, 2, sync_bytes=1)]
     torch.save(got, f"{out}.{rank}")
+    dist.barrier()  # tear down together (see test_data_parallel._close)
     dist.destroy_process_group()
 
 
@@ -111,6 +113,7 @@ def _equalize_worker(rank, world, port, out):
            {"tokens": 0.0} for mb in micro]
     stats = be._reduce_stats(res, weights, {"time/learner_step_s": 1.0})
     torch.save({"n": [mb["n"] for mb in micro], "weights": weights, "stats": stats}, f"{out}.{rank}")
+    dist.barrier()  # tear down together (see test_data_parallel._close)
     dist.destroy_process_group()
 
 
