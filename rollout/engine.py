@@ -123,15 +123,14 @@ def _no_logprob_token_text() -> bool:
         from vllm.v1.engine.logprobs import LogprobsProcessor
     except ImportError:
         return False
-    new = getattr(LogprobsProcessor.from_new_request, "__func__", None)
-    if getattr(new, "_aha_no_token_text", False):
+    plain = getattr(LogprobsProcessor.from_new_request, "__func__", None)
+    if getattr(plain, "_aha_no_token_text", False):
         return True
     params = list(inspect.signature(LogprobsProcessor.from_new_request).parameters)
     if params != ["tokenizer", "request"]:
         log.warning("vLLM's LogprobsProcessor.from_new_request%s is not the one aha knows: logprob "
                     "token texts are decoded as usual", params)
         return False
-    plain = new
 
     def from_new_request(cls, tokenizer, request):
         return plain(cls, None, request)

@@ -22,10 +22,10 @@ def _cfg(aggregation):
                                                                       old_logprobs="learner"))
 
 
-def _close():
-    # both ranks tear down together: a rank that destroyed its group and exited while the other was
-    # still writing its result once aborted that one in gloo ("terminate called without an active
-    # exception", SIGABRT; seen once in a full suite run)
+def close_group():
+    """End a gloo worker: every rank tears down together. A rank that destroyed its group and
+    exited while its peer was still writing its result once aborted that peer in gloo ("terminate
+    called without an active exception", SIGABRT; seen once in a full suite run)."""
     dist.barrier()
     dist.destroy_process_group()
 
@@ -38,7 +38,7 @@ def _worker(rank, world, port, path, aggregation, out):
     b.train_grpo(_batch().shard(rank, world))
     if rank == 0:
         torch.save({n: p.detach().clone() for n, p in b.model.named_parameters()}, out)
-    _close()
+    close_group()
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
@@ -73,7 +73,7 @@ def _uneven_worker(rank, world, port, path, n, out):
     b.train_grpo(full.shard(rank, world))
     if rank == 0:
         torch.save({nm: p.detach().clone() for nm, p in b.model.named_parameters()}, out)
-    _close()
+    close_group()
 
 
 def test_uneven_and_empty_shards_take_the_same_steps(tmp_path):

@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 from learner.losses import masked_entropy, token_entropy
 from learner.weight_sync import stream_stages_to_rank0
 from rollout.weights import free_tcp_port
+from tests.learner.test_data_parallel import close_group
 
 
 def _init(rank, world, port):
@@ -22,8 +23,7 @@ def _entropy_worker(rank, world, port, out):
     mean = masked_entropy(part, mask, dist.group.WORLD)
     if rank == 0:
         torch.save({"ent": got, "mean": mean}, out)
-    dist.barrier()  # tear down together (see test_data_parallel._close)
-    dist.destroy_process_group()
+    close_group()
 
 
 def test_vocab_parallel_entropy_equals_full_vocab_entropy(tmp_path):
@@ -60,8 +60,7 @@ def _stream_worker(rank, world, port, out):
 
     got = [(n, t.clone()) for n, t in stream_stages_to_rank0(local(), stage, 2, sync_bytes=1)]
     torch.save(got, f"{out}.{rank}")
-    dist.barrier()  # tear down together (see test_data_parallel._close)
-    dist.destroy_process_group()
+    close_group()
 
 
 def test_every_stage_reaches_rank0_and_other_ranks_get_nothing(tmp_path):
@@ -113,8 +112,7 @@ def _equalize_worker(rank, world, port, out):
            {"tokens": 0.0} for mb in micro]
     stats = be._reduce_stats(res, weights, {"time/learner_step_s": 1.0})
     torch.save({"n": [mb["n"] for mb in micro], "weights": weights, "stats": stats}, f"{out}.{rank}")
-    dist.barrier()  # tear down together (see test_data_parallel._close)
-    dist.destroy_process_group()
+    close_group()
 
 
 def test_data_parallel_ranks_run_as_many_micro_batches_and_share_statistics(tmp_path):
