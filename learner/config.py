@@ -86,6 +86,15 @@ class LearnerConfig:
     share the old logprobs taken before the first, so the clip acts from the second one on)."""
     dtype: str = "float32"
     """Training dtype of the parameters: float32 | bfloat16."""
+    compute_dtype: str = "float32"
+    """Dtype of the torch backend's forward and backward: float32 | bfloat16 | auto. ``bfloat16``
+    over float32 parameters is mixed precision with master weights: a bf16 working copy of the
+    model runs forward and backward, its gradients are accumulated in float32, and AdamW steps the
+    float32 parameters (what the engines receive and checkpoints hold); the frozen reference is
+    kept in bf16. ``auto`` is bfloat16 where the device multiplies bf16 natively (a CUDA GPU with
+    bf16, a CPU with AMX or AVX512-BF16: :func:`learner.precision.native_bf16`), else float32.
+    With ``dtype: bfloat16`` everything is bf16 already. The Megatron backend ignores it (its
+    ``dtype: bfloat16`` is mixed precision already)."""
     seed: int = 0
     share_prompts: bool = True
     """Run each distinct prompt of a batch once, with its KV cache repeated to the samples of its
@@ -115,6 +124,9 @@ class LearnerConfig:
             raise ValueError(f"{where}.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"{where}.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"{where}.compute_dtype must be float32, bfloat16 or auto, "
+                             f"got {self.compute_dtype!r}")
         if self.backend == "megatron" and self.gpus_per_actor <= 0:
             raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor > 0 "
                              "(Megatron-core's forward pass needs CUDA); use backend=torch on CPU")

@@ -5,6 +5,14 @@ is initialised with more than one rank (``actors.learner`` does that): every ran
 shard of the batch and gradients are summed with ``all_reduce`` after being scaled by the rank's
 share of the *global* token (or sequence) count, so the update equals the single-process one.
 
+``learner.compute_dtype: bfloat16`` (or ``auto`` where bf16 is native) is mixed precision with
+master weights: the float32 model holds the parameters (what the optimizer steps, the engines
+receive and a checkpoint saves), and a bf16 working copy of it (its parameters cast, its buffers
+such as RoPE frequencies kept in float32) runs every forward and backward; its gradients are added
+into float32 ones after each micro-batch, and it is refreshed after each optimizer step. The
+frozen reference is kept in bf16 alone. On CPU the bf16 modules use eager attention: SDPA's bf16
+backward was 8x its float32 one there (bench/README.md).
+
 ``save_state`` / ``load_state`` make a stage resumable bit for bit (see :meth:`TorchBackend.save_state`
 for the files). Every data-parallel rank holds the same weights and optimizer state (the gradients
 are all-reduced, AdamW is elementwise), which the save checks with a fingerprint: rank 0 then writes
@@ -23,6 +31,7 @@ from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_d
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
+from learner.precision import resolve_compute_dtype
 from learner.prefix import plain_logprobs, prefix_shared_logprobs, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -44,10 +53,25 @@ class TorchBackend:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # learner.compute_dtype (module docstring): with float32 parameters and bf16 compute,
+        # ``work`` is the bf16 copy that runs forward and backward; otherwise it is the model
+        self.compute_dtype = (dtype if dtype == torch.bfloat16
+                              else resolve_compute_dtype(cfg.compute_dtype, self.device))
+        self.work = self.model
+        if self.compute_dtype != dtype:
+            self.work = self._cast_copy(self.model).train()
+        self._pairs = list(zip(self.model.parameters(), self.work.parameters()))
         self.ref = None
         if cfg.loss.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+            self.ref = (self._cast_copy(ref) if self.compute_dtype != dtype else ref)
             self.ref.eval().requires_grad_(False)
+        if self.compute_dtype == torch.bfloat16 and self.device.type == "cpu":
+            for m in filter(None, (self.work, self.ref)):
+                m.set_attn_implementation("eager")
+        if cfg.compute_dtype != "float32":
+            log.info("learner: parameters %s, forward and backward in %s (compute_dtype: %s)",
+                     cfg.dtype, str(self.compute_dtype).removeprefix("torch."), cfg.compute_dtype)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
         self.version = 0
@@ -89,11 +113,38 @@ class TorchBackend:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
+    def _cast_copy(self, module):
+        """A copy of ``module`` with its parameters in the compute dtype (buffers stay as they are)."""
+        import copy
+        out = copy.deepcopy(module)
+        with torch.no_grad():
+            for p in out.parameters():
+                p.data = p.data.to(self.compute_dtype)
+        return out
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` through the working copy, its gradients added into the float32 ones."""
+        loss.backward()
+        if self.work is self.model:
+            return
+        for master, w in self._pairs:
+            if w.grad is not None:
+                g = w.grad.to(master.dtype)
+                master.grad = g if master.grad is None else master.grad.add_(g)
+                w.grad = None
+
+    def _refresh_work(self) -> None:
+        if self.work is not self.model:
+            with torch.no_grad():
+                for master, w in self._pairs:
+                    w.copy_(master)
+
     def _step(self) -> float:
         self._reduce_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._refresh_work()
         return float(norm)
 
     def _micro(self, batch: TrainBatch) -> Iterator[TrainBatch]:
@@ -118,7 +169,7 @@ class TorchBackend:
     # ---- LearnerBackend -----------------------------------------------------------------------
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
-        model = model if model is not None else self.model
+        model = model if model is not None else self.work
         width = batch.input_ids.shape[1]
         if len(batch) == 0:
             return torch.zeros((0, width))
@@ -150,7 +201,7 @@ class TorchBackend:
                 mb = mini.slice(off, end).to(self.device)
                 sl = slice(lo + off, lo + end)
                 ref_lp = ref_all[sl].to(self.device) if ref_all is not None else None
-                lp, (logits, logits_mask) = self._logprobs(self.model, mb, return_logits=True)
+                lp, (logits, logits_mask) = self._logprobs(self.work, mb, return_logits=True)
                 if recompute:
                     old_lp = lp.detach() if j == 0 else \
                         old_rest[lo + off - bounds[1]:lo + end - bounds[1]].to(self.device)
@@ -164,7 +215,7 @@ class TorchBackend:
                                      ref_lp, lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None,
                                      lc.clip_ratio_c)
                 units = float(mask.sum()) if token_level else float(len(mb))
-                (loss * (units / total)).backward()
+                self._backward(loss * (units / total))
                 ntok = float(mask.sum())
                 with torch.no_grad():
                     st["entropy"] = masked_entropy(logits, logits_mask)
@@ -187,11 +238,11 @@ class TorchBackend:
         total = self._global_sum(float(batch.response_mask.sum()))
         loss_sum = 0.0
         for mb in self._micro(batch):
-            lp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, 1.0)
+            lp = token_logprobs(self.work, mb.input_ids, mb.attention_mask, 1.0)
             n = float(mb.response_mask.sum())
             loss = sft_loss(lp, mb.response_mask)
-            (loss * (n / total)).backward()
-            loss_sum += float(loss) * n
+            self._backward(loss * (n / total))
+            loss_sum += float(loss.detach()) * n
         grad_norm = self._step()
         self.version += 1
         return {"sft_loss": loss_sum / max(float(batch.response_mask.sum()), 1.0),
@@ -211,6 +262,9 @@ class TorchBackend:
             self.tokenizer.save_pretrained(path)
 
     # ---- exact training state -----------------------------------------------------------------
+    def _compute_name(self) -> str:
+        return str(self.compute_dtype).removeprefix("torch.")
+
     @staticmethod
     def _module_tensors(module) -> dict[str, torch.Tensor]:
         """Every parameter and buffer (non-persistent ones too) by name, tied weights once."""
@@ -287,7 +341,7 @@ class TorchBackend:
         if rank == 0:
             write_state_meta(path, backend="torch", world=world, version=self.version, shared=shared,
                              ref=None if self.ref is None else ("saved" if save_ref else "rebuilt"),
-                             ref_digest=ref_digest)
+                             ref_digest=ref_digest, compute_dtype=self._compute_name())
         if world > 1:  # every rank's files are down before any returns
             import torch.distributed as dist
             dist.barrier()
@@ -297,8 +351,14 @@ class TorchBackend:
         started from, with the same config and number of ranks; every rank calls it."""
         rank, world = self._rank(), self._world()
         meta = read_state_meta(path, "torch", world)
+        saved_compute = meta.get("compute_dtype", self.cfg.dtype)  # older states: no field
+        if saved_compute != self._compute_name():
+            raise ValueError(f"{path} was trained with forward and backward in {saved_compute}, this "
+                             f"learner computes in {self._compute_name()}: resume with the same "
+                             "learner.compute_dtype (an exact resume needs the same arithmetic)")
         prefix = "" if meta["shared"] else f"rank{rank}."
         self._load_module(self.model, os.path.join(path, f"{prefix}model.safetensors"))
+        self._refresh_work()
         self.opt.load_state_dict(torch.load(os.path.join(path, f"{prefix}optimizer.pt"),
                                             map_location="cpu", weights_only=True))
         if self.ref is not None:

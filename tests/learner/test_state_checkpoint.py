@@ -38,9 +38,9 @@ def _batch(i):
     return collate(prompts, responses, lps, [1.0, -1.0, 0.5, -0.5, 2.0], 0)
 
 
-def _cfg(dtype="float32"):
+def _cfg(dtype="float32", compute="float32"):
     # a reference (kl_coef > 0), two Adam steps per GRPO batch, micro-batches of 2
-    return LearnerConfig(lr=1e-2, micro_batch_size=2, mini_batches=2, dtype=dtype,
+    return LearnerConfig(lr=1e-2, micro_batch_size=2, mini_batches=2, dtype=dtype, compute_dtype=compute,
                          loss=LossConfig(kl_coef=0.05, old_logprobs="learner"))
 
 
@@ -63,9 +63,10 @@ def _assert_same(a, b):
         assert a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]), n
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cut_save_load_continue_equals_the_straight_run(model, tmp_path, dtype):
-    cfg = _cfg(dtype)
+@pytest.mark.parametrize("dtype,compute", [("float32", "float32"), ("bfloat16", "bfloat16"),
+                                           ("float32", "bfloat16")])  # the last: bf16 over fp32 masters
+def test_cut_save_load_continue_equals_the_straight_run(model, tmp_path, dtype, compute):
+    cfg = _cfg(dtype, compute)
     straight = _backend(model, cfg)
     want_stats = _train(straight, STEPS)
     want = _weights(straight)
