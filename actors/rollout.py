@@ -26,7 +26,7 @@ class RolloutActor:
         self.index = index
 
     def ready(self) -> dict:
-        return {"index": self.index, "start_s": self.engine.start_s}
+        return {"index": self.index, "start_s": self.engine.start_s, "dtype": self.engine.dtype}
 
     def generate(self, records: list[PromptRecord], n: int | None = None,
                  temperature: float | None = None, top_p: float | None = None) -> dict:
@@ -104,6 +104,7 @@ class RolloutPool:
         self.retiring: set[int] = set()
         self.counts = {"started": 0, "replaced": 0, "start_failed": 0, "retired": 0, "died": 0}
         self.start_s = 0.0
+        self.dtype: str | None = None  # the engines' dtype (rollout.dtype, "auto" resolved)
         self.ready_s: dict[int, float] = {}  # per engine: seconds from start to ready
         first = self.add(cfg.num_actors, why="")
         self._initial = first
@@ -141,6 +142,7 @@ class RolloutPool:
         self.alive |= set(self._initial)
         self._initial = None
         self.start_s = max(x["start_s"] for x in info)
+        self.dtype = info[0].get("dtype")
         log.info("rollout pool: %d engine(s) up (slowest start %.1fs)", len(self.alive), self.start_s)
 
     def joiners(self, wait: bool = False) -> list[int]:

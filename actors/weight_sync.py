@@ -96,7 +96,8 @@ class WeightSync:
         tp = self.rollouts.workers_per_engine()
         spec = GroupSpec(host, port, 1 + len(live) * tp, "nccl" if gpu else "gloo",
                          timeout_s=self.timeout_s)
-        wire = None if rc.dtype == "auto" else rc.dtype
+        # the engines' dtype on the wire (half the bytes of float32 weights for a bf16 engine)
+        wire = self.rollouts.dtype if rc.dtype == "auto" else rc.dtype
         refs = [a.init_sender.remote(spec, self.bucket_bytes, wire) for a in self.learners.actors]
         refs += [a.init_weight_group.remote(spec, 1 + k * tp) for k, (_, a) in enumerate(live)]
         self.metas = self._get(refs, live, "weight-sync group setup")[0]

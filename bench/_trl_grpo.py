@@ -8,7 +8,9 @@ time spent in generation / scoring, and the thread count.
 
 Same job as aha's GRPO stage:
 - model: the SFT checkpoint aha wrote (Hugging Face format; its tokenizer is a ``Qwen2Tokenizer``,
-  so no adapter is needed), float32, no gradient checkpointing;
+  so no adapter is needed), float32, no gradient checkpointing; ``--bf16`` turns on TRL's own
+  mixed precision (``GRPOConfig(bf16=True)``, TRL's default: the Trainer's bf16 autocast), as
+  aha's ``learner.compute_dtype: bfloat16`` is; without it TRL computes in float32;
 - prompts: aha's arithmetic train split rendered with aha's template (done on the aha side);
 - G = ``group_size`` samples of each of ``prompts_per_step`` prompts per GRPO step, at most
   ``max_tokens`` new tokens, temperature 1, top_p 1, generation stops after ``</answer>`` (aha's stop
@@ -73,6 +75,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bf16", action="store_true", help="TRL's bf16 mixed precision (its default)")
     a = ap.parse_args()
     job = json.load(open(a.job))
     t_spawn = float(os.environ.get("BENCH_T_SPAWN", T_CHILD))
@@ -127,7 +130,7 @@ def main() -> int:
         mask_truncated_completions=job["mask_truncated"], reward_weights=[1.0 * job["w_accuracy"],
                                                                           1.0 * job["w_format"]],
         max_steps=job["steps"] * mini, logging_steps=1, report_to="none", save_strategy="no",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
+        bf16=a.bf16, fp16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
         seed=job["seed"], dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
     )
 
@@ -165,7 +168,7 @@ def main() -> int:
     steps = [e - s for s, e in zip([begin] + grpo_ends[:-1], grpo_ends)]
     logs = [h for h in trainer.state.log_history if "reward" in h]
     out = {
-        "system": "trl", "t_spawn": t_spawn, "events": events, "step_s": steps,
+        "system": "trl_bf16" if a.bf16 else "trl", "t_spawn": t_spawn, "events": events, "step_s": steps,
         "first_step_end": grpo_ends[0] if grpo_ends else None,
         "samples_per_step": n_batch,
         "generate_and_score_s": timings["generate_and_score"], "generate_s": timings["generate"],

@@ -54,6 +54,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 TRL_PINS = ["trl==1.16.0", "transformers==5.19.0", "torch==2.13.0+cpu", "accelerate==1.16.0",
             "datasets==5.2.0"]
+TRL_SYSTEMS = ("trl", "trl_bf16")  # TRL in float32; with its bf16 mixed precision (its default)
 LOSS_TYPES = {"seq_mean_token_mean": "grpo", "token_mean": "dapo", "seq_mean_token_sum_norm": "dr_grpo"}
 
 
@@ -174,14 +175,14 @@ def run_child(cmd: list[str], out: str, logfile: str, timeout: float) -> dict:
     return json.load(open(out))
 
 
-def run_trl(py: str, job: str, cache: str, tag: str, timeout: float) -> dict:
+def run_trl(py: str, job: str, cache: str, tag: str, timeout: float, bf16: bool = False) -> dict:
     d = os.path.join(cache, "results", tag)
     os.makedirs(d, exist_ok=True)
     out = os.path.join(d, "result.json")
     if os.path.exists(out):
         os.remove(out)
-    return run_child([py, os.path.join(HERE, "_trl_grpo.py"), "--job", job, "--out", out], out,
-                     os.path.join(d, "log.txt"), timeout)
+    return run_child([py, os.path.join(HERE, "_trl_grpo.py"), "--job", job, "--out", out,
+                      *(["--bf16"] if bf16 else [])], out, os.path.join(d, "log.txt"), timeout)
 
 
 def run_aha(ckpt: str, staleness: int, steps: int, cache: str, tag: str, overrides: list[str],
@@ -361,7 +362,7 @@ def summarize(r: dict) -> dict:
     out = {"median step (s)": statistics.median(steps),
            "samples/s": r["samples_per_step"] * len(steps) / sum(steps),
            "start to first step (s)": r["first_step_end"] - r["t_spawn"]}
-    if r["system"] == "trl":
+    if r["system"] in TRL_SYSTEMS:
         gs = r["generate_and_score_s"][1:] or r["generate_and_score_s"]
         g = r["generate_s"][1:] or r["generate_s"]
         out["TRL generate (s)"] = statistics.median(g)
@@ -379,7 +380,7 @@ def table(results: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["system"], []).append(summarize(r))
-    names = sorted(by, key=lambda n: (n != "trl", "+" in n, n != "aha_s1", n))  # trl, aha_s1, aha_s0, variants
+    names = sorted(by, key=lambda n: (n not in TRL_SYSTEMS, "+" in n, n != "aha_s1", n))  # TRL, aha_s1, aha_s0, variants
     med = {n: {k: statistics.median(s[k] for s in by[n]) for k in by[n][0]} for n in names}
     rng = {n: {k: (min(s[k] for s in by[n]), max(s[k] for s in by[n])) for k in by[n][0]}
            for n in names}
@@ -390,10 +391,10 @@ def table(results: list[dict]) -> str:
     for n in names:
         cells = [f"{med[n][h]:7.2f} ({rng[n][h][0]:.2f}-{rng[n][h][1]:.2f})" for h in head]
         lines.append(f"{n:>{w}} | " + " | ".join(f"{c:>27}" for c in cells) + f" | {len(by[n])}")
-    if "trl" in med:
-        for n in names[1:]:
-            cells = [f"{med[n][h] / med['trl'][h]:7.2f}x" for h in head]
-            lines.append(f"{n + '/trl':>{w}} | " + " | ".join(f"{c:>27}" for c in cells) + " |")
+    for t in (t for t in TRL_SYSTEMS if t in med):
+        for n in (n for n in names if n not in TRL_SYSTEMS):
+            cells = [f"{med[n][h] / med[t][h]:7.2f}x" for h in head]
+            lines.append(f"{n + '/' + t:>{w}} | " + " | ".join(f"{c:>27}" for c in cells) + " |")
     for n in names:  # each variant's asynchronous run against its synchronous one
         sync = n.replace("aha_s1", "aha_s0", 1)
         if n.startswith("aha_s1") and sync in med:
@@ -445,7 +446,8 @@ def main() -> int:
     ap.add_argument("--sft-steps", type=int, default=300)
     ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench-vs-trl"))
     ap.add_argument("--systems", default="trl,aha1,aha0",
-                    help="comma-separated: trl, aha1 (max_staleness 1), aha0, and variants such as "
+                    help="comma-separated: trl (float32), trl_bf16 (TRL's bf16 mixed precision, its "
+                         "default), aha1 (max_staleness 1), aha0, and variants such as "
                          "aha1+learner.share_prompts=false (aha with more overrides)")
     ap.add_argument("--timeline", action="store_true", help="print each aha run's start-up timeline")
     ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
@@ -456,7 +458,7 @@ def main() -> int:
     cache = os.path.abspath(a.cache)
     os.makedirs(cache, exist_ok=True)
     systems = a.systems.split(",")
-    py = ensure_trl_venv(cache) if "trl" in systems else None
+    py = ensure_trl_venv(cache) if any(s in TRL_SYSTEMS for s in systems) else None
     ckpt = ensure_sft(cache, a.sft_steps, a.overrides)
     job = write_trl_job(cache, ckpt, a.steps, a.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -466,8 +468,8 @@ def main() -> int:
             tag = f"{stamp}-r{k}-{s}"
             busy = wait_idle(a.wait_idle)
             log(f"round {k + 1}/{a.rounds}: {s} (machine {busy:.0f}% busy before)")
-            if s == "trl":
-                r = run_trl(py, job, cache, tag, a.timeout)
+            if s in TRL_SYSTEMS:
+                r = run_trl(py, job, cache, tag, a.timeout, bf16=s == "trl_bf16")
             else:  # aha<staleness>[+key=value...]: a variant with overrides of its own
                 base, *extra = s.split("+")
                 tag = f"{stamp}-r{k}-{base}-v{systems.index(s)}" if extra else tag
@@ -481,7 +483,7 @@ def main() -> int:
             sm = summarize(r)
             log(f"  {s}: median step {sm['median step (s)']:.3f}s, {sm['samples/s']:.1f} samples/s, "
                 f"start to first step {sm['start to first step (s)']:.1f}s")
-            if a.timeline and s != "trl":
+            if a.timeline and s not in TRL_SYSTEMS:
                 print(timeline(r), flush=True)
     print(f"\naha vs TRL GRPOTrainer: {a.steps} GRPO steps, {a.rounds} round(s), SFT checkpoint {ckpt}")
     print("median over rounds (min-max over rounds); step medians drop the first step")

@@ -67,8 +67,7 @@ class TorchBackend:
             self.ref = (self._cast_copy(ref) if self.compute_dtype != dtype else ref)
             self.ref.eval().requires_grad_(False)
         if self.compute_dtype == torch.bfloat16 and self.device.type == "cpu":
-            for m in filter(None, (self.work, self.ref)):
-                m.set_attn_implementation("eager")
+            self.work.set_attn_implementation("eager")  # the reference never runs backward: SDPA
         if cfg.compute_dtype != "float32":
             log.info("learner: parameters %s, forward and backward in %s (compute_dtype: %s)",
                      cfg.dtype, str(self.compute_dtype).removeprefix("torch."), cfg.compute_dtype)

@@ -180,6 +180,8 @@ class VllmEngine:
         # every worker before the first sync, whichever transport reloads (rollout.weights)
         self.llm.collective_rpc("aha_reload_warnings")
         self.tokenizer = self.llm.get_tokenizer()
+        # what rollout.dtype "auto" resolved to (vLLM: bf16 for a float32 checkpoint), e.g. "bfloat16"
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self._warm_up()
         self.start_s = time.time() - t0
         log.info("engine %d started in %.1fs", engine_index, self.start_s)

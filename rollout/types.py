@@ -8,7 +8,7 @@ batches (:func:`to_arrow`, :func:`from_arrow`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -63,14 +63,17 @@ ARROW_SCHEMA = pa.schema([
 
 
 def to_arrow(samples: Sequence[Sample]) -> pa.RecordBatch:
-    cols: dict[str, list] = {f.name: [] for f in fields(Sample)}
-    for s in samples:
-        for k, v in asdict(s).items():
-            if k == "reward_components":
-                v = list(v.items())
-            elif k == "meta":
-                v = json.dumps(v, default=str)
-            cols[k].append(v)
+    # column by column with getattr: dataclasses.asdict deep-copies every token list element by
+    # element, which made this 12x slower (7.5 ms for the demo's 128 samples; it runs three times
+    # per GRPO step: engine, reward actor, controller)
+    cols: dict[str, list] = {}
+    for f in fields(Sample):
+        col = [getattr(s, f.name) for s in samples]
+        if f.name == "reward_components":
+            col = [list(v.items()) for v in col]
+        elif f.name == "meta":
+            col = [json.dumps(v, default=str) for v in col]
+        cols[f.name] = col
     return pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
 
 

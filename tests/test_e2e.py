@@ -6,6 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from safetensors.torch import load_file
 
 from cluster.cli import DEMO_CONFIG
@@ -58,6 +59,11 @@ def test_weights_changed_and_checkpoints_load(run):
     grpo = load_file(os.path.join(run_dir, "checkpoints", "1-grpo", "model.safetensors"))
     assert sft.keys() == grpo.keys()
     assert any(not (sft[k] == grpo[k]).all() for k in sft)
+    # the learner keeps float32 weights (its bf16 compute is a working copy); the demo's engine
+    # runs vLLM's auto dtype (16-bit for this float32 model), and the sync sends that: 2 bytes each
+    assert {t.dtype for t in grpo.values()} == {torch.float32}
+    rows = [r for r in _rows(os.path.join(run_dir, "metrics.jsonl")) if r["stage"] == "1-grpo"]
+    assert {r["sync_bytes"] for r in rows} == {2.0 * sum(t.numel() for t in grpo.values())}
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "checkpoints", "1-grpo"))
 
