@@ -1,7 +1,9 @@
 """Where aha's learner ``train`` phase goes, outside Ray: one realistic GRPO batch, phase by phase.
 
     python bench/profile_learner.py [--ckpt DIR] [--batch PARQUET_DIR] [--iters 8] [--threads 1,2]
-                                    [--cprofile] [--torch-profile]
+                                    [--cprofile] [--torch-profile] [demo config overrides ...]
+
+(e.g. ``learner.compute_dtype=float32`` against the demo's ``auto``, bf16 on a CPU with AMX).
 
 Builds the learner exactly as the learner actor does (``learner.torch_backend.TorchBackend`` with
 the demo config's ``learner`` section for a GRPO stage: KL reference loaded, 2 mini-batches,
@@ -114,7 +116,7 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
         for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             mb = batch.slice(lo, hi)
             c = time.perf_counter()
-            lp, (logits, lmask) = be._logprobs(be.model, mb, return_logits=True)
+            lp, (logits, lmask) = be._logprobs(be.work, mb, return_logits=True)  # the compute copy (learner.compute_dtype)
             c = t("update: forward (+log_softmax/gather)", c)
             ref_lp = ref_all[lo:hi]
             old_lp = lp.detach() if j == 0 else old_rest[lo - bounds[1]:hi - bounds[1]]
@@ -123,7 +125,7 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
             loss, st = grpo_loss(lp, old_lp, mb.advantages, mask, lc.clip_low, lc.clip_high, ref_lp,
                                  lc.kl_coef, is_w, lc.aggregation, lc.norm_len or None, lc.clip_ratio_c)
             c = t("update: loss (+float() of stats)", c)
-            loss.backward()
+            be._backward(loss)  # into the float32 masters when computing in bf16
             c = t("update: backward", c)
             with torch.no_grad():
                 st["entropy"] = masked_entropy(logits, lmask)
@@ -155,11 +157,12 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     a = ap.parse_args()
     from cluster.cli import DEMO_CONFIG
     from cluster.config import load_config
 
-    cfg = load_config(DEMO_CONFIG, [])
+    cfg = load_config(DEMO_CONFIG, a.overrides)
     lcfg = replace(cfg.learner, seed=cfg.learner.seed + cfg.run.seed)  # a GRPO stage's learner config
     batch_dir = a.batch
     if batch_dir is None:
