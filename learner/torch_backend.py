@@ -10,8 +10,9 @@ master weights: the float32 model holds the parameters (what the optimizer steps
 receive and a checkpoint saves), and a bf16 working copy of it (its parameters cast, its buffers
 such as RoPE frequencies kept in float32) runs every forward and backward; its gradients are added
 into float32 ones after each micro-batch, and it is refreshed after each optimizer step. The
-frozen reference is kept in bf16 alone. On CPU the bf16 modules use eager attention: SDPA's bf16
-backward was 8x its float32 one there (bench/README.md).
+frozen reference is kept in bf16 alone. On CPU the bf16 working copy uses eager attention: SDPA's
+bf16 backward was 8x its float32 one there (bench/README.md); the reference, which never runs
+backward, keeps SDPA.
 
 ``save_state`` / ``load_state`` make a stage resumable bit for bit (see :meth:`TorchBackend.save_state`
 for the files). Every data-parallel rank holds the same weights and optimizer state (the gradients
@@ -57,9 +58,7 @@ class TorchBackend:
         # ``work`` is the bf16 copy that runs forward and backward; otherwise it is the model
         self.compute_dtype = (dtype if dtype == torch.bfloat16
                               else resolve_compute_dtype(cfg.compute_dtype, self.device))
-        self.work = self.model
-        if self.compute_dtype != dtype:
-            self.work = self._cast_copy(self.model).train()
+        self._work = self._cast_copy(self.model).train() if self.compute_dtype != dtype else None
         self._pairs = list(zip(self.model.parameters(), self.work.parameters()))
         self.ref = None
         if cfg.loss.kl_coef > 0:
@@ -121,10 +120,15 @@ class TorchBackend:
                 p.data = p.data.to(self.compute_dtype)
         return out
 
+    @property
+    def work(self):
+        """The module that runs forward and backward: the bf16 working copy, or the model itself."""
+        return self.model if self._work is None else self._work
+
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the working copy, its gradients added into the float32 ones."""
         loss.backward()
-        if self.work is self.model:
+        if self._work is None:
             return
         for master, w in self._pairs:
             if w.grad is not None:
@@ -133,7 +137,7 @@ class TorchBackend:
                 w.grad = None
 
     def _refresh_work(self) -> None:
-        if self.work is not self.model:
+        if self._work is not None:
             with torch.no_grad():
                 for master, w in self._pairs:
                     w.copy_(master)
