@@ -116,7 +116,7 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
         for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             mb = batch.slice(lo, hi)
             c = time.perf_counter()
-            lp, (logits, lmask) = be._logprobs(be.work, mb, return_logits=True)  # the compute copy (learner.compute_dtype)
+            lp, (logits, lmask) = be._logprobs(be.work, mb, return_logits=True)  # learner.compute_dtype
             c = t("update: forward (+log_softmax/gather)", c)
             ref_lp = ref_all[lo:hi]
             old_lp = lp.detach() if j == 0 else old_rest[lo - bounds[1]:hi - bounds[1]]

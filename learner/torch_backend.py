@@ -58,18 +58,20 @@ class TorchBackend:
         # ``work`` is the bf16 copy that runs forward and backward; otherwise it is the model
         self.compute_dtype = (dtype if dtype == torch.bfloat16
                               else resolve_compute_dtype(cfg.compute_dtype, self.device))
-        self._work = self._cast_copy(self.model).train() if self.compute_dtype != dtype else None
-        self._pairs = list(zip(self.model.parameters(), self.work.parameters()))
+        self._work, self._pairs = None, []  # (float32 master, bf16 working) parameter pairs
+        if self.compute_dtype != dtype:
+            import copy
+            self._work = self._cast(copy.deepcopy(self.model)).train()
+            self._pairs = list(zip(self.model.parameters(), self._work.parameters()))
         self.ref = None
         if cfg.loss.kl_coef > 0:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
-            self.ref = (self._cast_copy(ref) if self.compute_dtype != dtype else ref)
-            self.ref.eval().requires_grad_(False)
+            self.ref = self._cast(ref).eval().requires_grad_(False)
         if self.compute_dtype == torch.bfloat16 and self.device.type == "cpu":
             self.work.set_attn_implementation("eager")  # the reference never runs backward: SDPA
         if cfg.compute_dtype != "float32":
             log.info("learner: parameters %s, forward and backward in %s (compute_dtype: %s)",
-                     cfg.dtype, str(self.compute_dtype).removeprefix("torch."), cfg.compute_dtype)
+                     cfg.dtype, self._compute_name(), cfg.compute_dtype)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
         self.version = 0
@@ -111,14 +113,13 @@ class TorchBackend:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
-    def _cast_copy(self, module):
-        """A copy of ``module`` with its parameters in the compute dtype (buffers stay as they are)."""
-        import copy
-        out = copy.deepcopy(module)
+    def _cast(self, module):
+        """``module`` with its parameters cast to the compute dtype in place (buffers stay as they
+        are: RoPE frequencies in float32); a no-op when they are in it already."""
         with torch.no_grad():
-            for p in out.parameters():
+            for p in module.parameters():
                 p.data = p.data.to(self.compute_dtype)
-        return out
+        return module
 
     @property
     def work(self):
@@ -128,8 +129,6 @@ class TorchBackend:
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the working copy, its gradients added into the float32 ones."""
         loss.backward()
-        if self._work is None:
-            return
         for master, w in self._pairs:
             if w.grad is not None:
                 g = w.grad.to(master.dtype)
@@ -137,10 +136,9 @@ class TorchBackend:
                 w.grad = None
 
     def _refresh_work(self) -> None:
-        if self._work is not None:
-            with torch.no_grad():
-                for master, w in self._pairs:
-                    w.copy_(master)
+        with torch.no_grad():
+            for master, w in self._pairs:
+                w.copy_(master)
 
     def _step(self) -> float:
         self._reduce_grads()
