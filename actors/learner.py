@@ -65,9 +65,11 @@ class LearnerActor:
 
     def _batch(self, arrow, with_advantages: bool = True):
         samples = from_arrow(arrow)
+        ref = [s.ref_logprobs for s in samples]  # learner.reference: rollout
         batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                         [s.response_logprobs for s in samples],
-                        [s.advantage for s in samples] if with_advantages else None, self.pad_id)
+                        [s.advantage for s in samples] if with_advantages else None, self.pad_id,
+                        ref_logprobs=ref if ref and all(r is not None for r in ref) else None)
         # data-parallel replicas split the batch; tensor/pipeline-parallel ranks of one replica
         # all see that replica's rows
         return batch.shard(self.backend.dp_rank, self.backend.dp_size)

@@ -109,7 +109,9 @@ class RolloutStream:
             # spread the budget over the idle engines rather than loading the first one
             n = min(self.cfg.prompts_per_request, -(-budget // (len(idle) - k)))
             records = [next(self.prompts) for _ in range(n)]
-            gen = actor.generate.remote(records)
+            # learner.reference: rollout: the engine's actor adds the reference's logprobs
+            kw = {"with_ref": True} if self.rollouts.reference is not None else {}
+            gen = actor.generate.remote(records, **kw)
             ref, reward_actor = self.rewards.async_score(gen)
             self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic())
 

@@ -6,7 +6,7 @@
 (e.g. ``learner.compute_dtype=float32`` against the demo's ``auto``, bf16 on a CPU with AMX).
 
 Builds the learner exactly as the learner actor does (``learner.torch_backend.TorchBackend`` with
-the demo config's ``learner`` section for a GRPO stage: KL reference loaded, 2 mini-batches,
+the demo config's ``learner`` section for a GRPO stage: 2 mini-batches,
 micro-batch 128, old logprobs recomputed) on the SFT checkpoint that ``bench/bench_vs_trl.py``
 caches, and a batch of 128 samples: the trajectories of a finished aha GRPO run when ``--batch``
 (or the bench cache) has one (real prompts, responses, engine logprobs, advantages), else the
@@ -17,7 +17,9 @@ the order the controller and the learner actor run them:
 
 - controller side: ``to_arrow`` (Samples -> Arrow) and ``ray.put``-like pickling of the batch;
 - actor side: ``from_arrow`` (Arrow -> Samples, a Python loop over rows), ``collate`` (padding, a
-  Python loop), the reference forward, the old-logprob forward, and per mini-batch the policy
+  Python loop), the reference forward (with the demo's ``learner.reference: rollout`` that of a
+  :class:`learner.reference.Reference` as the rollout actor runs it, not counted in the learner's
+  sum), the old-logprob forward, and per mini-batch the policy
   forward (+ log-softmax / gather), the loss, backward, the no-grad statistics (entropy over
   the full logits, ``float()`` of every stat), and the optimizer step (grad clip + AdamW);
 - ``TorchBackend.train_grpo`` end to end, for comparison with the sum of its pieces.
@@ -81,11 +83,16 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
 
     from learner.batch import collate
     from learner.losses import grpo_loss, masked_entropy, truncated_is_weight
+    from learner.reference import Reference, ReferenceSpec
     from learner.torch_backend import TorchBackend
     from rollout.types import from_arrow, to_arrow
 
     torch.set_num_threads(threads)
     be = TorchBackend(ckpt, lcfg, temperature=1.0)
+    # learner.reference: rollout (the demo's): the reference runs beside the engine, so its forward
+    # is measured there (a Reference as the rollout actor holds it) and train_grpo reads the result
+    ref_model = be.reference or Reference(ckpt, ReferenceSpec.of(lcfg, 1.0), "cpu")
+    ref_where = "ref forward" + ("" if be.reference else " (rollout actor's, off the learner)")
     lc = lcfg.loss
     pad = be.tokenizer.pad_token_id
     times: dict[str, list[float]] = {}
@@ -109,8 +116,8 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
         n_mini = lcfg.mini_batches
         bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         with torch.no_grad():
-            ref_all = be.logprobs(batch, be.ref)
-            c = t("ref forward", c)
+            ref_all = ref_model.logprobs(batch)
+            c = t(ref_where, c)
             old_rest = be.logprobs(batch.slice(bounds[1], len(batch)))
             c = t("old-logprob forward (mini-batches 2..)", c)
         for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -134,6 +141,8 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
             c = t("update: no-grad stats (entropy, mismatch)", c)
             be._step()
             c = t("update: optimizer (clip_grad_norm + AdamW)", c)
+        if be.reference is None:
+            batch = replace(batch, ref_logprobs=ref_all)
         c = time.perf_counter()
         be.train_grpo(batch)
         t("TorchBackend.train_grpo end to end", c)
@@ -186,7 +195,7 @@ def main() -> int:
     for k in keys:
         print(f"{k:>46} " + " ".join(f"{res[th][k]:>12.4f}" for th in res))
     pieces = [k for k in keys if k != "TorchBackend.train_grpo end to end"
-              and not k.startswith(("controller", "pickle"))]
+              and not k.startswith(("controller", "pickle")) and "off the learner" not in k]
     print(f"{'sum of actor-side pieces':>46} " + " ".join(f"{sum(res[th][k] for k in pieces):>12.4f}"
                                                           for th in res))
     if a.cprofile or a.torch_profile:
@@ -199,6 +208,10 @@ def main() -> int:
         batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                         [s.response_logprobs for s in samples], [s.advantage for s in samples],
                         be.tokenizer.pad_token_id)
+        if be.reference is None:  # learner.reference: rollout: the batch brings them
+            from learner.reference import Reference, ReferenceSpec
+            batch = replace(batch, ref_logprobs=Reference(a.ckpt, ReferenceSpec.of(lcfg, 1.0),
+                                                          "cpu").logprobs(batch))
         be.train_grpo(batch)
         if a.cprofile:
             pr = cProfile.Profile()

@@ -100,6 +100,11 @@ class LearnerConfig:
     """Run each distinct prompt of a batch once, with its KV cache repeated to the samples of its
     group, in every learner forward (torch backend; :mod:`learner.prefix`); ``false``: every row
     runs prompt and response in full."""
+    reference: str = "learner"
+    """Where the frozen KL reference (``loss.kl_coef > 0``) computes its logprobs (see
+    :mod:`learner.reference`): ``learner``, in each learner actor before the update; ``rollout``,
+    in each rollout actor right after it generates a training request, so the learner's update
+    does not wait for it (one copy of the model beside every engine; torch backend only)."""
     threads: int = 0
     """CPU threads of each learner actor's torch: N, or 0 (auto): every core the actor may run on
     when nothing else computes meanwhile (an SFT stage, or GRPO with ``algo.max_staleness: 0``,
@@ -127,6 +132,11 @@ class LearnerConfig:
         if self.compute_dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"{where}.compute_dtype must be float32, bfloat16 or auto, "
                              f"got {self.compute_dtype!r}")
+        if self.reference not in ("learner", "rollout"):
+            raise ValueError(f"{where}.reference must be learner or rollout, got {self.reference!r}")
+        if self.reference == "rollout" and self.backend == "megatron":
+            raise ValueError(f"{where}.reference=rollout is for the torch backend; the Megatron "
+                             "backend computes its reference itself (use reference=learner)")
         if self.backend == "megatron" and self.gpus_per_actor <= 0:
             raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor > 0 "
                              "(Megatron-core's forward pass needs CUDA); use backend=torch on CPU")

@@ -40,3 +40,12 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its parameters cast to ``dtype`` in place; buffers stay as they are (RoPE
+    frequencies in float32). A no-op when they are in ``dtype`` already."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
+    return module

@@ -13,7 +13,11 @@ holds the prompt's own logprobs): every user of the result (GRPO loss, KL, ratio
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -107,3 +111,35 @@ def prefix_shared_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     dst = torch.where(valid, plen[:, None] + rcols[None, :], torch.full_like(src, width))
     lp = lp_r.new_zeros(n, width + 1).scatter(1, dst, lp_r)[:, :width]
     return (lp, (logits, valid)) if return_logits else lp
+
+
+class ResponseLogprobs:
+    """``learner.share_prompts`` as a callable: :func:`prefix_shared_logprobs` while the model
+    allows it, else (and after the first model that does not: a forward without ``position_ids``
+    or a handed-in KV cache, said once in the log) :func:`plain_logprobs`."""
+
+    def __init__(self, share: bool, temperature: float = 1.0):
+        self.share, self.temperature = share, temperature
+
+    def __call__(self, model, mb, return_logits: bool = False):
+        if self.share:
+            try:
+                return prefix_shared_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
+                                              self.temperature, return_logits)
+            except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
+                self.share = False
+                log.warning("learner.share_prompts: %s cannot run prompts once per group (%s: %s); "
+                            "using the plain forward", type(model).__name__, type(e).__name__, e)
+        return plain_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
+                              self.temperature, return_logits)
+
+    @torch.no_grad()
+    def batch(self, model, batch, micro_batch_size: int, device) -> torch.Tensor:
+        """``[B, L]`` logprobs of a whole :class:`learner.batch.TrainBatch` on CPU, ``micro_batch_size``
+        rows per forward on ``device``."""
+        width = batch.input_ids.shape[1]
+        if len(batch) == 0:
+            return torch.zeros((0, width))
+        out = [self(model, batch.slice(i, i + micro_batch_size).to(device)).cpu()
+               for i in range(0, len(batch), micro_batch_size)]
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])

@@ -32,8 +32,9 @@ from learner.backend import (read_state_meta, rng_state, set_rng_state, tensor_d
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.losses import grpo_loss, masked_entropy, sft_loss, truncated_is_weight
-from learner.precision import resolve_compute_dtype
-from learner.prefix import plain_logprobs, prefix_shared_logprobs, token_logprobs
+from learner.precision import cast_parameters, resolve_compute_dtype
+from learner.prefix import ResponseLogprobs, token_logprobs
+from learner.reference import Reference, ReferenceSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,14 @@ class TorchBackend:
         self._work, self._pairs = None, []  # (float32 master, bf16 working) parameter pairs
         if self.compute_dtype != dtype:
             import copy
-            self._work = self._cast(copy.deepcopy(self.model)).train()
+            self._work = cast_parameters(copy.deepcopy(self.model), self.compute_dtype).train()
             self._pairs = list(zip(self.model.parameters(), self._work.parameters()))
-        self.ref = None
-        if cfg.loss.kl_coef > 0:
-            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
-            self.ref = self._cast(ref).eval().requires_grad_(False)
+        # the frozen KL reference (learner.reference: learner); with ``rollout`` the rollout actors
+        # hold it and every batch brings its reference logprobs (learner.reference)
+        self.reference = None
+        if cfg.loss.kl_coef > 0 and cfg.reference == "learner":
+            self.reference = Reference(model_path, ReferenceSpec.of(cfg, temperature), self.device)
+        self.ref = self.reference.model if self.reference is not None else None
         if self.compute_dtype == torch.bfloat16 and self.device.type == "cpu":
             self.work.set_attn_implementation("eager")  # the reference never runs backward: SDPA
         if cfg.compute_dtype != "float32":
@@ -75,7 +78,7 @@ class TorchBackend:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
         self.version = 0
-        self._share_ok = True  # learner.share_prompts works with this model (see _logprobs)
+        self._fwd = ResponseLogprobs(cfg.share_prompts, temperature)  # learner.share_prompts
 
     # ---- distributed helpers ------------------------------------------------------------------
     @staticmethod
@@ -113,13 +116,6 @@ class TorchBackend:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
-    def _cast(self, module):
-        """``module`` with its parameters cast to the compute dtype in place (buffers stay as they
-        are: RoPE frequencies in float32); a no-op when they are in it already."""
-        with torch.no_grad():
-            for p in module.parameters():
-                p.data = p.data.to(self.compute_dtype)
-        return module
 
     @property
     def work(self):
@@ -155,27 +151,16 @@ class TorchBackend:
     def _logprobs(self, model, mb: TrainBatch, return_logits: bool = False):
         """Response logprobs of ``mb`` (see :mod:`learner.prefix`); with ``return_logits`` also
         ``(logits, mask)`` for the entropy."""
-        if self.cfg.share_prompts and self._share_ok:
-            try:
-                return prefix_shared_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
-                                              self.temperature, return_logits)
-            except (TypeError, ValueError, NotImplementedError, AttributeError) as e:
-                # a model whose forward takes no position_ids / handed-in KV cache: say so once
-                self._share_ok = False
-                log.warning("learner.share_prompts: %s cannot run prompts once per group (%s: %s); "
-                            "using the plain forward", type(model).__name__, type(e).__name__, e)
-        return plain_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask,
-                              self.temperature, return_logits)
+        return self._fwd(model, mb, return_logits)
+
+    @property
+    def _share_ok(self) -> bool:
+        return self._fwd.share
 
     # ---- LearnerBackend -----------------------------------------------------------------------
-    @torch.no_grad()
     def logprobs(self, batch: TrainBatch, model=None) -> torch.Tensor:
-        model = model if model is not None else self.work
-        width = batch.input_ids.shape[1]
-        if len(batch) == 0:
-            return torch.zeros((0, width))
-        out = [self._logprobs(model, mb).cpu() for mb in self._micro(batch)]
-        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1])) for o in out])
+        return self._fwd.batch(model if model is not None else self.work, batch,
+                               self.cfg.micro_batch_size, self.device)
 
     def train_grpo(self, batch: TrainBatch) -> dict[str, float]:
         """``learner.mini_batches`` optimizer steps on ``batch``; the version advances by one."""
@@ -187,7 +172,13 @@ class TorchBackend:
         n_mini = self.cfg.mini_batches
         bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         with torch.no_grad():  # taken once, before any update: the PPO "old" policy
-            ref_all = self.logprobs(batch, self.ref) if self.ref is not None else None
+            ref_all = batch.ref_logprobs  # learner.reference: rollout
+            if ref_all is None and self.ref is not None:
+                ref_all = self.reference.logprobs(batch)
+            elif ref_all is None and lc.kl_coef > 0:
+                raise ValueError("learner.loss.kl_coef > 0 with learner.reference: rollout, but this "
+                                 "batch has no reference logprobs (Sample.ref_logprobs): its rollout "
+                                 "actors were started without the reference")
             # the first mini-batch's old logprobs are its own update forward's (the weights have
             # not moved yet): only the later mini-batches need a forward of their own
             old_rest = self.logprobs(batch.slice(bounds[1], len(batch))) if recompute else None
@@ -364,8 +355,9 @@ class TorchBackend:
                                             map_location="cpu", weights_only=True))
         if self.ref is not None:
             if meta["ref"] is None:
-                raise ValueError(f"{path} was saved without a reference model (loss.kl_coef was 0); "
-                                 "resume with the same learner.loss.kl_coef")
+                raise ValueError(f"{path} was saved without a reference model (loss.kl_coef was 0, or "
+                                 "learner.reference was rollout); resume with the same "
+                                 "learner.loss.kl_coef and learner.reference")
             if meta["ref"] == "saved":
                 self._load_module(self.ref, os.path.join(path, f"{prefix}ref.safetensors"))
             elif tensor_digest(self._module_tensors(self.ref).values()) != meta["ref_digest"]:

@@ -50,6 +50,7 @@ def test_versions_advance_and_staleness_is_bounded(run):
         assert not [k for k in required if k not in r]
         assert r["staleness_max"] <= cfg.algo.max_staleness
         assert r["gen_tokens_per_s"] > 0
+        assert r["time_ref_s"] > 0  # the engine's actor ran the KL reference (learner.reference: rollout)
     assert any(r["staleness_max"] == 1 for r in grpo[1:])  # generation overlapped training
 
 
@@ -75,6 +76,17 @@ def test_trajectories_landed_in_parquet(run):
     rows = t.to_pylist()
     assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
     assert all(len(r["response_ids"]) == len(r["response_logprobs"]) for r in rows)
+    # the demo's KL reference runs beside the engine (learner.reference: rollout): every trained
+    # sample carries its logprobs, which are the SFT checkpoint's (the stage's input)
+    assert all(len(r["ref_logprobs"]) == len(r["response_ids"]) for r in rows)
+    from learner.reference import Reference, ReferenceSpec
+    ref = Reference(os.path.join(run_dir, "checkpoints", "0-sft"),
+                    ReferenceSpec.of(cfg.learner, cfg.rollout.temperature), "cpu")
+    got, _ = ref.sample_logprobs([r["prompt_ids"] for r in rows[:16]], [r["response_ids"] for r in rows[:16]])
+    for r, lp in zip(rows[:16], got):
+        assert max(abs(a - b) for a, b in zip(lp, r["ref_logprobs"])) < 0.05
+    ev = pq.read_table(os.path.join(run_dir, "trajectories", "eval-1-grpo"))
+    assert ev.column("ref_logprobs").null_count == ev.num_rows  # evaluation needs no reference
     assert {"accuracy", "format"} <= set(dict(rows[0]["reward_components"]))
     assert len(os.listdir(os.path.join(run_dir, "trajectories", "1-grpo"))) == STEPS  # a part per step
     assert pq.read_table(os.path.join(run_dir, "trajectories", "eval-1-grpo")).num_rows > 0

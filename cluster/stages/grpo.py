@@ -8,7 +8,8 @@ phase:
     sync:         stream the new weights to every rollout engine
 
 then metrics.jsonl / TensorBoard / Parquet trajectories / terminal (untimed: controller overhead).
-The input checkpoint is also the KL reference.
+The input checkpoint is also the KL reference (in the learner, or beside every engine with
+``learner.reference: rollout``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from actors.rollout import RolloutPool
 from actors.stream import RolloutStream
 from actors.weight_sync import WeightSync
 from cluster.metrics import summary_line
+from learner.reference import ReferenceSpec
 from learner.shaping import prepare_step
 from rollout.datasets import fit_prompts
 from rollout.types import Sample, to_arrow
@@ -69,11 +71,15 @@ def run(ctl, i, st, job) -> dict:
                                rc.template, rc.max_model_len, rc.max_tokens, "data.train")
     test = ctl.test_prompts(job, tok)
     resumed = ctl.in_stage.get(st.name)  # the stage's last in-stage checkpoint, on --resume
+    lcfg = ctl.learner_cfg(st, job)
+    # learner.reference: rollout: each engine's actor holds the KL reference (learner.reference)
+    reference = (ReferenceSpec.of(lcfg, rc.temperature)
+                 if lcfg.loss.kl_coef > 0 and lcfg.reference == "rollout" else None)
     # the engines load (the slowest start) while the learner loads
     rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
-                           wait=False, resources=job.run.rollout_resources)
+                           wait=False, resources=job.run.rollout_resources, reference=reference)
     try:
-        learners = LearnerGroup(model_path, ctl.learner_cfg(st, job), rc.temperature,
+        learners = LearnerGroup(model_path, lcfg, rc.temperature,
                                 job.run.learner_cpus, job.run.timeout_s, job.run.learner_resources)
         if resumed:
             learners.load_state(os.path.join(resumed["dir"], "learner"))
@@ -265,6 +271,7 @@ def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats) -
            **ctl.timer.pop(),
            "time_generate_s": gen_time,
            "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
+           "time_ref_s": sum(r.get("time_ref_s", 0.0) for r in reqs),  # learner.reference: rollout
            "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
            "sync_bytes": sync_stats.get("sync_bytes", 0.0),
            **{k: v for k, v in sync_stats.items() if k.startswith("sync_") and k != "sync_bytes"}}

@@ -57,6 +57,7 @@ class FakePool:
     def __init__(self, actors, cfg):
         self.actors, self.cfg, self.alive = actors, cfg, set(range(len(actors)))
         self.retiring, self.starting, self.stopped = set(), {}, []
+        self.reference = None
 
     def stop(self, i):
         self.retiring.discard(i)
