@@ -65,7 +65,7 @@ class LearnerActor:
 
     def _batch(self, arrow, with_advantages: bool = True):
         samples = from_arrow(arrow)
-        ref = [s.ref_logprobs for s in samples]  # learner.reference: rollout
+        ref = [s.ref_logprobs for s in samples]  # learner.reference: pool
         batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                         [s.response_logprobs for s in samples],
                         [s.advantage for s in samples] if with_advantages else None, self.pad_id,

@@ -8,7 +8,6 @@ import uuid
 import ray
 
 from actors.common import get_all, gpu_ids
-from learner.reference import Reference, ReferenceSpec
 from rollout.datasets import PromptRecord
 from rollout.engine import RolloutConfig, VllmEngine
 from rollout.types import to_arrow
@@ -21,32 +20,17 @@ log = logging.getLogger(__name__)
 class RolloutActor:
     """Thin Ray wrapper: every method forwards to the engine. Results travel as Arrow batches."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, index: int,
-                 reference: ReferenceSpec | None = None):
+    def __init__(self, model_path: str, cfg: RolloutConfig, index: int):
         logging.basicConfig(level=logging.INFO)
         self.engine = VllmEngine(model_path, cfg, index)
         self.index = index
-        # learner.reference: rollout: the frozen KL reference beside the engine (learner.reference)
-        self.reference = Reference(model_path, reference) if reference is not None else None
 
     def ready(self) -> dict:
-        return {"index": self.index, "start_s": self.engine.start_s, "dtype": self.engine.dtype,
-                "reference": None if self.reference is None else str(self.reference.dtype)}
+        return {"index": self.index, "start_s": self.engine.start_s, "dtype": self.engine.dtype}
 
     def generate(self, records: list[PromptRecord], n: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None,
-                 with_ref: bool = False) -> dict:
-        """``with_ref``: also the reference's logprobs of every sample (``Sample.ref_logprobs``),
-        for a training request of a job with ``learner.reference: rollout``."""
+                 temperature: float | None = None, top_p: float | None = None) -> dict:
         samples, stats = self.engine.generate(records, n, temperature, top_p)
-        if with_ref:
-            if self.reference is None:
-                raise ValueError(f"rollout engine {self.index} was asked for reference logprobs "
-                                 "but holds no reference (learner.reference is not rollout)")
-            lps, stats["time_ref_s"] = self.reference.sample_logprobs(
-                [s.prompt_ids for s in samples], [s.response_ids for s in samples])
-            for s, lp in zip(samples, lps):
-                s.ref_logprobs = lp
         return {"batch": to_arrow(samples), "stats": stats}
 
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
@@ -95,12 +79,10 @@ class RolloutPool:
     sync; only they take requests."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, num_cpus: float = 1.0, wait: bool = True,
-                 resources: dict | None = None, reference: ReferenceSpec | None = None):
+                 resources: dict | None = None):
         """Starts the engines; ``wait=False`` returns at once (call :meth:`wait_ready` before use),
-        so a caller can start the learner while the engines load. ``reference``: every engine
-        (replacements and scaled-up ones too) holds the frozen KL reference beside it and scores
-        training requests with it (``learner.reference: rollout``)."""
-        self.cfg, self.model_path, self.reference = cfg, model_path, reference
+        so a caller can start the learner while the engines load."""
+        self.cfg, self.model_path = cfg, model_path
         env = {}
         if cfg.weight_transport == "vllm_ipc":
             # CUDA IPC handles carry torch types, which vLLM's engine-core messages only pass with
@@ -138,7 +120,7 @@ class RolloutPool:
         for _ in range(n):
             i = len(self.actors)
             self.actors.append(RolloutActor.options(name=f"aha-rollout-{self._uid}-{i}", **self._opts)
-                               .remote(self.model_path, self.cfg, i, self.reference))
+                               .remote(self.model_path, self.cfg, i))
             self.starting[i] = (self.actors[i].ready.remote(), time.monotonic())
             self.counts["started"] += 1
             new.append(i)

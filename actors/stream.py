@@ -55,17 +55,22 @@ class Request:
     retried: bool = False
     t0: float = 0.0
     """time.monotonic() when the generation was submitted."""
+    ref: "ray.ObjectRef | None" = None
+    """A reference actor's logprobs of the generation (``learner.reference: pool``), computed
+    beside the scoring."""
 
 
 class RolloutStream:
     def __init__(self, rollouts: RolloutPool, rewards: RewardPool, prompts: Iterator[PromptRecord],
                  groups_per_step: int, max_staleness: int, timeout_s: float = 900.0,
                  max_consecutive_failures: int = 8, total_takes: int | None = None,
-                 admit=None):
+                 admit=None, reference=None):
         """``admit``: called when no engine serves but some are starting (a dead engine's
         replacement); it gives them the current weights and puts them in service
-        (``WeightSync.admit``)."""
+        (``WeightSync.admit``). ``reference``: an :class:`actors.reference.ReferencePool`
+        (``learner.reference: pool``) that adds the KL reference's logprobs to every sample."""
         self.rollouts, self.rewards, self.prompts = rollouts, rewards, prompts
+        self.reference = reference
         self.cfg = rollouts.cfg
         self.groups_per_step, self.max_staleness, self.timeout_s = groups_per_step, max_staleness, timeout_s
         self.max_consecutive_failures = max_consecutive_failures
@@ -109,11 +114,12 @@ class RolloutStream:
             # spread the budget over the idle engines rather than loading the first one
             n = min(self.cfg.prompts_per_request, -(-budget // (len(idle) - k)))
             records = [next(self.prompts) for _ in range(n)]
-            # learner.reference: rollout: the engine's actor adds the reference's logprobs
-            kw = {"with_ref": True} if self.rollouts.reference is not None else {}
-            gen = actor.generate.remote(records, **kw)
+            gen = actor.generate.remote(records)
+            # learner.reference: pool: a reference actor runs the KL reference on the generation
+            # while a reward actor scores it
+            ref_lp = self.reference.submit(gen) if self.reference is not None else None
             ref, reward_actor = self.rewards.async_score(gen)
-            self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic())
+            self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic(), ref=ref_lp)
 
     # ---- consumption -----------------------------------------------------------------------
     def _failed(self, req: Request, error: BaseException) -> None:
@@ -145,11 +151,32 @@ class RolloutStream:
                         req.reward_actor, req.engine, type(error).__name__)
             ref, reward_actor = self.rewards.async_score(req.gen)
             self.inflight[ref] = Request(req.engine, req.n_groups, req.gen, reward_actor, retried=True,
-                                         t0=time.monotonic())
+                                         t0=time.monotonic(), ref=req.ref)
             return
         self.dropped["dropped_reward_failed"] += n
         log.error("scoring a batch of engine %d failed twice (%d samples dropped): %s", req.engine, n, error)
         self._count_failure(f"reward actor {req.reward_actor}: {type(error).__name__}: {error}")
+
+    def _attach_reference(self, req: Request, samples: list[Sample]) -> dict:
+        """Put the reference actor's logprobs on the scored samples (same order: the reward actor
+        keeps it; checked); waits for them ``rollout.generate_timeout_s`` at most."""
+        out = ray.get(req.ref, timeout=self.cfg.generate_timeout_s)
+        if out["keys"] != [(s.prompt_id, s.group_index) for s in samples]:
+            raise RuntimeError("reference logprobs do not line up with the scored samples")
+        for s, lp in zip(samples, out["ref_logprobs"]):
+            if len(lp) != len(s.response_ids):
+                raise RuntimeError(f"{len(lp)} reference logprobs for {len(s.response_ids)} tokens")
+            s.ref_logprobs = lp
+        return {"time_ref_s": out["time_ref_s"]}
+
+    def _reference_failed(self, req: Request, error: BaseException) -> None:
+        n = req.n_groups * self.cfg.group_size
+        what = f"{type(error).__name__}: {error}"
+        self.counts["generated"] += n  # generated and scored; lost after
+        self.dropped["dropped_reference_failed"] += n
+        log.error("reference logprobs of a batch of engine %d failed (%d samples dropped): %s",
+                  req.engine, n, what[:2000])
+        self._count_failure(f"reference actor on a batch of engine {req.engine}: {what}")
 
     def _count_failure(self, what: str) -> None:
         self._failures_in_a_row += 1
@@ -197,10 +224,17 @@ class RolloutStream:
             except Exception as e:  # noqa: BLE001 - classified, counted, logged in _failed
                 self._failed(req, e)
                 continue
+            samples = from_arrow(result["batch"])
+            if req.ref is not None:
+                try:
+                    ref_stats = self._attach_reference(req, samples)
+                except Exception as e:  # noqa: BLE001 - counted and logged in _reference_failed
+                    self._reference_failed(req, e)
+                    continue
+                result["stats"] = {**result["stats"], **ref_stats}
             self._failures_in_a_row = 0
             self._engine_failures[req.engine] = 0
             self.gen_stats.append({**result["stats"], "engine": req.engine})
-            samples = from_arrow(result["batch"])
             self.counts["generated"] += len(samples)
             g = self.cfg.group_size
             for i in range(0, len(samples), g):

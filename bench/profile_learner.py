@@ -17,8 +17,8 @@ the order the controller and the learner actor run them:
 
 - controller side: ``to_arrow`` (Samples -> Arrow) and ``ray.put``-like pickling of the batch;
 - actor side: ``from_arrow`` (Arrow -> Samples, a Python loop over rows), ``collate`` (padding, a
-  Python loop), the reference forward (with the demo's ``learner.reference: rollout`` that of a
-  :class:`learner.reference.Reference` as the rollout actor runs it, not counted in the learner's
+  Python loop), the reference forward (with the demo's ``learner.reference: pool`` that of a
+  :class:`learner.reference.Reference` as a reference actor runs it, not counted in the learner's
   sum), the old-logprob forward, and per mini-batch the policy
   forward (+ log-softmax / gather), the loss, backward, the no-grad statistics (entropy over
   the full logits, ``float()`` of every stat), and the optimizer step (grad clip + AdamW);
@@ -89,10 +89,10 @@ def profile(ckpt: str, samples, threads: int, iters: int, lcfg) -> dict[str, flo
 
     torch.set_num_threads(threads)
     be = TorchBackend(ckpt, lcfg, temperature=1.0)
-    # learner.reference: rollout (the demo's): the reference runs beside the engine, so its forward
-    # is measured there (a Reference as the rollout actor holds it) and train_grpo reads the result
+    # learner.reference: pool (the demo's): the reference runs in an actor of its own, so its
+    # forward is measured as there (a Reference as the reference actor holds it) and train_grpo reads the result
     ref_model = be.reference or Reference(ckpt, ReferenceSpec.of(lcfg, 1.0), "cpu")
-    ref_where = "ref forward" + ("" if be.reference else " (rollout actor's, off the learner)")
+    ref_where = "ref forward" + ("" if be.reference else " (reference actor's, off the learner)")
     lc = lcfg.loss
     pad = be.tokenizer.pad_token_id
     times: dict[str, list[float]] = {}
@@ -208,7 +208,7 @@ def main() -> int:
         batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                         [s.response_logprobs for s in samples], [s.advantage for s in samples],
                         be.tokenizer.pad_token_id)
-        if be.reference is None:  # learner.reference: rollout: the batch brings them
+        if be.reference is None:  # learner.reference: pool: the batch brings them
             from learner.reference import Reference, ReferenceSpec
             batch = replace(batch, ref_logprobs=Reference(a.ckpt, ReferenceSpec.of(lcfg, 1.0),
                                                           "cpu").logprobs(batch))

@@ -186,10 +186,13 @@ class RunConfig:
     rollout_cpus: float = 1.0
     reward_cpus: float = 0.5
     learner_cpus: float = 1.0
-    """Ray CPU resources per actor (fractions share cores on a laptop)."""
+    reference_cpus: float = 0.5
+    """Ray CPU resources per actor (fractions share cores on a laptop); ``reference_cpus``: per
+    reference actor (``learner.reference: pool``)."""
     rollout_resources: dict = field(default_factory=dict)
     reward_resources: dict = field(default_factory=dict)
     learner_resources: dict = field(default_factory=dict)
+    reference_resources: dict = field(default_factory=dict)
     """Custom Ray resources each actor of the pool requires, which places it: a node started with
     ``ray start --resources='{"rollout_node": 4}'`` takes the engines of
     ``run.rollout_resources={rollout_node: 1}``. Empty: anywhere with the CPUs/GPUs."""
@@ -228,7 +231,7 @@ class JobConfig:
             raise ValueError(f"run.checkpoint_every: in-stage checkpoints are written by the torch "
                              f"learner only; learner.backend={self.learner.backend} saves at the end "
                              "of each stage (set run.checkpoint_every=0)")
-        for kind in ("rollout", "reward", "learner"):
+        for kind in ("rollout", "reward", "learner", "reference"):
             res = getattr(self.run, f"{kind}_resources")
             bad = {k: v for k, v in res.items()
                    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0}

@@ -489,6 +489,7 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=address, runtime_env=env)
         return
     need = (cfg.rollout.num_actors * cfg.run.rollout_cpus + cfg.reward.num_actors * cfg.run.reward_cpus
-            + cfg.learner.num_actors * cfg.run.learner_cpus)
+            + cfg.learner.num_actors * cfg.run.learner_cpus
+            + (cfg.learner.reference_actors * cfg.run.reference_cpus if cfg.learner.reference == "pool" else 0))
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=cfg.run.dashboard,
              runtime_env=env, log_to_driver=True)

@@ -21,7 +21,7 @@ class TrainBatch:
     advantages: torch.Tensor         # [B] float
     ref_logprobs: torch.Tensor | None = None
     """[B, L] float, the KL reference's logprobs of response tokens, else 0, when the rollout
-    actors computed them (``learner.reference: rollout``); ``None``: the learner computes them."""
+    reference actors computed them (``learner.reference: pool``); ``None``: the learner computes them."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -102,9 +102,12 @@ class LearnerConfig:
     runs prompt and response in full."""
     reference: str = "learner"
     """Where the frozen KL reference (``loss.kl_coef > 0``) computes its logprobs (see
-    :mod:`learner.reference`): ``learner``, in each learner actor before the update; ``rollout``,
-    in each rollout actor right after it generates a training request, so the learner's update
-    does not wait for it (one copy of the model beside every engine; torch backend only)."""
+    :mod:`learner.reference`): ``learner``, in each learner actor before the update; ``pool``, in
+    reference actors of their own (``reference_actors``, ``run.reference_cpus``) that score each
+    training request while a reward actor does, so the learner's update does not wait for it
+    (torch backend only)."""
+    reference_actors: int = 1
+    """Reference actors with ``reference: pool`` (used round-robin)."""
     threads: int = 0
     """CPU threads of each learner actor's torch: N, or 0 (auto): every core the actor may run on
     when nothing else computes meanwhile (an SFT stage, or GRPO with ``algo.max_staleness: 0``,
@@ -132,12 +135,14 @@ class LearnerConfig:
         if self.compute_dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"{where}.compute_dtype must be float32, bfloat16 or auto, "
                              f"got {self.compute_dtype!r}")
-        if self.reference not in ("learner", "rollout"):
-            raise ValueError(f"{where}.reference must be learner or rollout, got {self.reference!r}")
-        if self.reference == "rollout" and self.backend == "megatron":
-            raise ValueError(f"{where}.reference=rollout is for the torch backend; the Megatron "
-                             "backend computes its reference itself (use reference=learner)")
+        if self.reference not in ("learner", "pool"):
+            raise ValueError(f"{where}.reference must be learner or pool, got {self.reference!r}")
+        if self.reference_actors < 1:
+            raise ValueError(f"{where}.reference_actors must be >= 1, got {self.reference_actors}")
         if self.backend == "megatron" and self.gpus_per_actor <= 0:
             raise ValueError(f"{where}.backend=megatron needs {where}.gpus_per_actor > 0 "
                              "(Megatron-core's forward pass needs CUDA); use backend=torch on CPU")
+        if self.reference == "pool" and self.backend == "megatron":
+            raise ValueError(f"{where}.reference=pool is for the torch backend; the Megatron "
+                             "backend computes its reference itself (use reference=learner)")
         self.loss.validate(f"{where}.loss")

@@ -5,12 +5,12 @@ Where it runs is ``learner.reference``:
 
 - ``learner`` (the default): the torch learner holds it and runs it over each batch before the
   update, on the learner's critical path.
-- ``rollout``: every rollout actor holds one and scores each training request right after its
-  engine generated it; the samples carry the result (``Sample.ref_logprobs``) and the learner
-  only reads it. The reference forward then overlaps the learner's update of the previous batch,
-  the way OpenRLHF runs its reference models apart from the actor. On the demo's 2-core job that
-  takes ~0.04 s a step off the learner (bench/README.md). It costs every rollout actor a copy of
-  the model beside its engine (on a GPU: memory beside vLLM's ``gpu_memory_utilization``).
+- ``pool``: reference actors of their own (``actors.reference``) score each training request
+  while a reward actor does; the samples carry the result (``Sample.ref_logprobs``) and the
+  learner only reads it. The reference forward then overlaps the learner's update of the
+  previous batch, the way OpenRLHF runs its reference models apart from the actor. On the demo's
+  2-core job that takes ~0.04 s a step off the learner (bench/README.md), for one more process
+  (and, on a GPU, the model's memory wherever the reference actors are placed).
 
 Both compute the same numbers: the same checkpoint, the same dtype (``learner.dtype`` /
 ``learner.compute_dtype`` resolved on the device it runs on), the same shared-prompt forward

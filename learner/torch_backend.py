@@ -64,8 +64,8 @@ class TorchBackend:
             import copy
             self._work = cast_parameters(copy.deepcopy(self.model), self.compute_dtype).train()
             self._pairs = list(zip(self.model.parameters(), self._work.parameters()))
-        # the frozen KL reference (learner.reference: learner); with ``rollout`` the rollout actors
-        # hold it and every batch brings its reference logprobs (learner.reference)
+        # the frozen KL reference (learner.reference: learner); with ``pool`` reference actors hold
+        # it and every batch brings its reference logprobs (learner.reference)
         self.reference = None
         if cfg.loss.kl_coef > 0 and cfg.reference == "learner":
             self.reference = Reference(model_path, ReferenceSpec.of(cfg, temperature), self.device)
@@ -172,13 +172,13 @@ class TorchBackend:
         n_mini = self.cfg.mini_batches
         bounds = [len(batch) * i // n_mini for i in range(n_mini + 1)]
         with torch.no_grad():  # taken once, before any update: the PPO "old" policy
-            ref_all = batch.ref_logprobs  # learner.reference: rollout
+            ref_all = batch.ref_logprobs  # learner.reference: pool
             if ref_all is None and self.ref is not None:
                 ref_all = self.reference.logprobs(batch)
             elif ref_all is None and lc.kl_coef > 0:
-                raise ValueError("learner.loss.kl_coef > 0 with learner.reference: rollout, but this "
-                                 "batch has no reference logprobs (Sample.ref_logprobs): its rollout "
-                                 "actors were started without the reference")
+                raise ValueError("learner.loss.kl_coef > 0 with learner.reference: pool, but this "
+                                 "batch has no reference logprobs (Sample.ref_logprobs): the job ran "
+                                 "no reference actors")
             # the first mini-batch's old logprobs are its own update forward's (the weights have
             # not moved yet): only the later mini-batches need a forward of their own
             old_rest = self.logprobs(batch.slice(bounds[1], len(batch))) if recompute else None
@@ -356,7 +356,7 @@ class TorchBackend:
         if self.ref is not None:
             if meta["ref"] is None:
                 raise ValueError(f"{path} was saved without a reference model (loss.kl_coef was 0, or "
-                                 "learner.reference was rollout); resume with the same "
+                                 "learner.reference was pool); resume with the same "
                                  "learner.loss.kl_coef and learner.reference")
             if meta["ref"] == "saved":
                 self._load_module(self.ref, os.path.join(path, f"{prefix}ref.safetensors"))

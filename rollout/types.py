@@ -40,8 +40,8 @@ class Sample:
     """Learner step that consumed it (-1 until trained on or for eval samples)."""
     meta: dict[str, Any] = field(default_factory=dict)
     ref_logprobs: list[float] | None = None
-    """The frozen KL reference's logprob of each response token, when the rollout actor computed
-    it (``learner.reference: rollout``); ``None`` otherwise."""
+    """The frozen KL reference's logprob of each response token, when a reference actor computed
+    it (``learner.reference: pool``); ``None`` otherwise."""
 
 
 ARROW_SCHEMA = pa.schema([
@@ -62,7 +62,7 @@ ARROW_SCHEMA = pa.schema([
     ("advantage", pa.float32()),
     ("step", pa.int64()),
     ("meta", pa.string()),  # JSON
-    ("ref_logprobs", pa.list_(pa.float32())),  # null unless learner.reference: rollout
+    ("ref_logprobs", pa.list_(pa.float32())),  # null unless learner.reference: pool
 ])
 
 

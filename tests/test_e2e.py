@@ -50,7 +50,7 @@ def test_versions_advance_and_staleness_is_bounded(run):
         assert not [k for k in required if k not in r]
         assert r["staleness_max"] <= cfg.algo.max_staleness
         assert r["gen_tokens_per_s"] > 0
-        assert r["time_ref_s"] > 0  # the engine's actor ran the KL reference (learner.reference: rollout)
+        assert r["time_ref_s"] > 0  # a reference actor ran the KL reference (learner.reference: pool)
     assert any(r["staleness_max"] == 1 for r in grpo[1:])  # generation overlapped training
 
 
@@ -76,7 +76,7 @@ def test_trajectories_landed_in_parquet(run):
     rows = t.to_pylist()
     assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
     assert all(len(r["response_ids"]) == len(r["response_logprobs"]) for r in rows)
-    # the demo's KL reference runs beside the engine (learner.reference: rollout): every trained
+    # the demo's KL reference runs in an actor of its own (learner.reference: pool): every trained
     # sample carries its logprobs, which are the SFT checkpoint's (the stage's input)
     assert all(len(r["ref_logprobs"]) == len(r["response_ids"]) for r in rows)
     from learner.reference import Reference, ReferenceSpec

@@ -67,7 +67,7 @@ def test_gpu_engine_matches_learner_after_sync(tiny):
 
 GPU_JOB = ["stages.1.steps=3", "rollout.gpu_memory_utilization=0.3", "rollout.dtype=bfloat16",
            "eval.num_prompts=16"]
-MEGATRON = ["learner.backend=megatron", "learner.dtype=bfloat16"]
+MEGATRON = ["learner.backend=megatron", "learner.dtype=bfloat16", "learner.reference=learner"]
 
 
 def _run_job(tmp_path, name, overrides):

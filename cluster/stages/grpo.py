@@ -8,8 +8,8 @@ phase:
     sync:         stream the new weights to every rollout engine
 
 then metrics.jsonl / TensorBoard / Parquet trajectories / terminal (untimed: controller overhead).
-The input checkpoint is also the KL reference (in the learner, or beside every engine with
-``learner.reference: rollout``).
+The input checkpoint is also the KL reference (in the learner, or in reference actors of its own
+with ``learner.reference: pool``).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from actors.rollout import RolloutPool
 from actors.stream import RolloutStream
 from actors.weight_sync import WeightSync
 from cluster.metrics import summary_line
+from actors.reference import ReferencePool
 from learner.reference import ReferenceSpec
 from learner.shaping import prepare_step
 from rollout.datasets import fit_prompts
@@ -72,27 +73,34 @@ def run(ctl, i, st, job) -> dict:
     test = ctl.test_prompts(job, tok)
     resumed = ctl.in_stage.get(st.name)  # the stage's last in-stage checkpoint, on --resume
     lcfg = ctl.learner_cfg(st, job)
-    # learner.reference: rollout: each engine's actor holds the KL reference (learner.reference)
-    reference = (ReferenceSpec.of(lcfg, rc.temperature)
-                 if lcfg.loss.kl_coef > 0 and lcfg.reference == "rollout" else None)
-    # the engines load (the slowest start) while the learner loads
+    # the engines load (the slowest start) while the learner (and the reference actors) load
     rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
-                           wait=False, resources=job.run.rollout_resources, reference=reference)
+                           wait=False, resources=job.run.rollout_resources)
+    reference = None
     try:
+        if lcfg.loss.kl_coef > 0 and lcfg.reference == "pool":  # the KL reference in actors of its own
+            reference = ReferencePool(model_path, ReferenceSpec.of(lcfg, rc.temperature),
+                                      lcfg.reference_actors, job.run.reference_cpus,
+                                      job.run.reference_resources, job.run.timeout_s, wait=False)
         learners = LearnerGroup(model_path, lcfg, rc.temperature,
                                 job.run.learner_cpus, job.run.timeout_s, job.run.learner_resources)
         if resumed:
             learners.load_state(os.path.join(resumed["dir"], "learner"))
         rollouts.wait_ready()
         ctl.rewards.wait_ready()  # started before the stage, beside the engines and the learner
+        if reference is not None:
+            reference.wait_ready()
     except BaseException:
         rollouts.shutdown()
+        if reference is not None:
+            reference.shutdown()
         raise
     try:
         sync = WeightSync(learners, rollouts, job.run.timeout_s)
         cursor = Cursor(train_set, job.run.seed, resumed["cursor"] if resumed else 0)
         stream = RolloutStream(rollouts, ctl.rewards, cursor, algo.prompts_per_step, algo.max_staleness,
-                               job.run.timeout_s, total_takes=st.steps, admit=sync.admit)
+                               job.run.timeout_s, total_takes=st.steps, admit=sync.admit,
+                               reference=reference)
         shaping_totals: Counter = Counter()
         if resumed:  # the engines get the restored weights and version before the first request
             version, first = resumed["version"], resumed["step"]
@@ -185,6 +193,8 @@ def run(ctl, i, st, job) -> dict:
     finally:
         rollouts.shutdown()
         learners.shutdown()
+        if reference is not None:
+            reference.shutdown()
     return {"checkpoint": out}
 
 
@@ -271,7 +281,7 @@ def step_row(ctl, st, step, version, samples, train, info, stream, sync_stats) -
            **ctl.timer.pop(),
            "time_generate_s": gen_time,
            "time_reward_s": sum(r.get("time_reward_s", 0.0) for r in reqs),
-           "time_ref_s": sum(r.get("time_ref_s", 0.0) for r in reqs),  # learner.reference: rollout
+           "time_ref_s": sum(r.get("time_ref_s", 0.0) for r in reqs),  # learner.reference: pool
            "gen_tokens_per_s": gen_tokens / gen_time if gen_time else 0.0,
            "sync_bytes": sync_stats.get("sync_bytes", 0.0),
            **{k: v for k, v in sync_stats.items() if k.startswith("sync_") and k != "sync_bytes"}}

@@ -45,6 +45,25 @@ def passthrough(result):
     return result
 
 
+@ray.remote
+def fake_reference(generated, fails):  # ReferenceActor.logprobs's answer
+    if fails:
+        raise RuntimeError("reference blew up")
+    cols = generated["batch"].to_pydict()
+    return {"ref_logprobs": [[-0.5 - j] * len(r) for j, r in enumerate(cols["response_ids"])],
+            "keys": list(zip(cols["prompt_id"], cols["group_index"])), "time_ref_s": 0.01}
+
+
+class FakeReference:
+    """learner.reference: pool; ``fails_every``: every k-th batch fails."""
+    def __init__(self, fails_every=0):
+        self.fails_every, self.n = fails_every, 0
+
+    def submit(self, gen):
+        self.n += 1
+        return fake_reference.remote(gen, bool(self.fails_every) and self.n % self.fails_every == 0)
+
+
 class FakeRewards:
     def async_score(self, ref):
         return passthrough.remote(ref), 0
@@ -57,7 +76,6 @@ class FakePool:
     def __init__(self, actors, cfg):
         self.actors, self.cfg, self.alive = actors, cfg, set(range(len(actors)))
         self.retiring, self.starting, self.stopped = set(), {}, []
-        self.reference = None
 
     def stop(self, i):
         self.retiring.discard(i)
@@ -87,11 +105,12 @@ def prompts():
     return (PromptRecord(id=f"p{i}", question="q", answer="1") for i in itertools.count())
 
 
-def run(max_staleness, steps=6, engines=None, groups_per_step=4):
+def run(max_staleness, steps=6, engines=None, groups_per_step=4, reference=None):
     cfg = RolloutConfig(group_size=2, prompts_per_request=2)
     engines = engines or [FakeEngine.remote(), FakeEngine.remote()]
     pool = FakePool(engines, cfg)
-    stream = RolloutStream(pool, FakeRewards(), prompts(), groups_per_step, max_staleness, timeout_s=30)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), groups_per_step, max_staleness, timeout_s=30,
+                           reference=reference)
     version, stale, prefetched = 0, [], []
     stream.on_weights_updated(0)
     for _ in range(steps):
@@ -140,6 +159,28 @@ def test_failed_request_is_counted_and_the_stream_goes_on():
     stale, _, stream = run(1, steps=4, engines=engines)
     assert stream.dropped["dropped_request_error"] > 0
     assert len(stale) == 4 * 4 * 2
+
+
+def test_reference_logprobs_ride_on_the_samples():
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    pool = FakePool([FakeEngine.remote()], cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=30, reference=FakeReference())
+    stream.on_weights_updated(0)
+    groups, info = stream.take(0)
+    assert [s.ref_logprobs for g in groups for s in g] == [[-0.5], [-1.5], [-2.5], [-3.5]]
+    assert all(r["time_ref_s"] == 0.01 for r in info["requests"])
+    # without a reference nothing is asked for, and the samples carry none
+    _, _, plain = run(1, steps=1)
+    assert all(s.ref_logprobs is None for g in plain.ready for s in g)
+
+
+def test_failed_reference_is_counted_and_the_stream_goes_on():
+    stale, _, stream = run(1, steps=4, reference=FakeReference(fails_every=3))
+    lost = stream.dropped["dropped_reference_failed"]
+    assert lost > 0 and lost % 4 == 0  # whole requests, generated and scored first
+    assert len(stale) == 4 * 4 * 2 and stream.counts["trained"] == 4 * 4 * 2
+    assert all(s.ref_logprobs is not None for g in stream.ready for s in g)
+    assert stream.counts["generated"] == stream.counts["trained"] + lost + sum(len(g) for g in stream.ready)
 
 
 def test_dead_engine_is_removed_and_counted():

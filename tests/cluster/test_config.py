@@ -38,6 +38,8 @@ def test_dotted_overrides_reach_nested_and_list_fields():
     ("stages.0.type=ppo", "stages.0.type must be one of sft, grpo"),
     ("rollout.template=chatml", "known:.*plain, qa, r1_zero"),
     ("learner.backend=megatron", "gpus_per_actor > 0"),
+    ("learner.reference=rollout", "learner.reference must be learner or pool"),
+    ("learner.reference_actors=0", "reference_actors must be >= 1"),
     ("rollout.temperature=0", "rollout.temperature must be > 0"),
     ("learner.lr=fast", "learner.lr must be float"),
     ("model.path=/nonexistent", "model.path"),
@@ -84,8 +86,14 @@ def test_vllm_transports_need_gpu_learners_and_ipc_one_learner_process():
 
 def test_megatron_takes_any_temperature_and_mini_batches():
     cfg = load_config(DEMO_CONFIG, ["learner.backend=megatron", "learner.gpus_per_actor=1",
+                                    "learner.reference=learner",
                                     "rollout.temperature=0.7", "learner.mini_batches=4"])
     assert cfg.rollout.temperature == 0.7 and cfg.learner.mini_batches == 4
+
+
+def test_megatron_with_the_reference_pool_is_refused_with_the_fix_named():
+    with pytest.raises(ValueError, match="use reference=learner"):
+        load_config(DEMO_CONFIG, ["learner.backend=megatron", "learner.gpus_per_actor=1"])
 
 
 @pytest.mark.parametrize("name", ["grpo_gpu.yaml", "megatron_moe.yaml", "megatron_moe_1gpu.yaml"])

@@ -1,5 +1,5 @@
-"""``learner.reference``: the frozen KL reference in the learner, or beside the rollout engines
-(``rollout``), where it scores each request and the learner only reads the numbers. Both must
+"""``learner.reference``: the frozen KL reference in the learner, or in reference actors of its
+own (``pool``), which score each request while the learner only reads the numbers. Both must
 train the same: the same reference logprobs, the same KL, the same update."""
 import pytest
 import torch
@@ -35,7 +35,7 @@ def _backend(path, cfg):
 
 
 @pytest.mark.parametrize("compute", ["float32", "auto"])
-def test_reference_beside_the_engine_gives_the_learners_numbers(model, compute):
+def test_reference_actors_reference_gives_the_learners_numbers(model, compute):
     prompts, responses = _rows()
     cfg = _cfg("learner", compute)
     be = _backend(model, cfg)
@@ -56,7 +56,7 @@ def test_learner_reading_the_batchs_reference_trains_like_one_that_holds_it(mode
     lps = [[-1.0] * len(r) for r in responses]
     torch.manual_seed(0)
     holder = _backend(model, _cfg("learner"))
-    reader = _backend(model, _cfg("rollout"))
+    reader = _backend(model, _cfg("pool"))
     assert reader.ref is None and reader.reference is None  # no copy of the model in the learner
     ref_lp, _ = Reference(model, ReferenceSpec.of(reader.cfg, 0.9), "cpu").sample_logprobs(prompts, responses)
     a = holder.train_grpo(collate(prompts, responses, lps, adv, 0))
@@ -72,7 +72,7 @@ def test_learner_reading_the_batchs_reference_trains_like_one_that_holds_it(mode
 
 def test_a_batch_without_reference_logprobs_is_refused_when_the_learner_has_none(model):
     prompts, responses = _rows()
-    be = _backend(model, _cfg("rollout"))
+    be = _backend(model, _cfg("pool"))
     with pytest.raises(ValueError, match="no reference logprobs"):
         be.train_grpo(collate(prompts, responses, None, [1.0] * 9, 0))
     assert be.version == 0
@@ -97,8 +97,8 @@ def test_samples_carry_reference_logprobs_through_arrow():
 
 
 def test_config_checks_where_the_reference_runs():
-    with pytest.raises(ValueError, match="reference must be learner or rollout"):
+    with pytest.raises(ValueError, match="reference must be learner or pool"):
         LearnerConfig(reference="gpu").validate()
-    with pytest.raises(ValueError, match="reference=rollout is for the torch backend"):
-        LearnerConfig(backend="megatron", gpus_per_actor=1, reference="rollout").validate()
-    LearnerConfig(reference="rollout").validate()
+    with pytest.raises(ValueError, match="reference=pool is for the torch backend"):
+        LearnerConfig(backend="megatron", gpus_per_actor=1, reference="pool").validate()
+    LearnerConfig(reference="pool").validate()
