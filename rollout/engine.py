@@ -58,7 +58,11 @@ class RolloutConfig:
     cores: ``LLM()`` 25 s -> 4 s, idle CPU 0.32 -> 0.07 core-s/s). Ignored on GPU."""
     gpu_memory_utilization: float = 0.5
     kv_cache_gb: float = 1.0
-    """CPU only: KV-cache memory per engine (VLLM_CPU_KVCACHE_SPACE)."""
+    """CPU only: KV-cache memory per engine in GiB (vLLM's ``kv_cache_memory_bytes``; fractions
+    allowed). The engine allocates and zeroes all of it at start: size it to the job (the
+    demo's tiny model needs ~1 KiB per token, so its 64 MiB hold 64k tokens; 1 GiB took 2.4 s of
+    its start on a 2-core VM). vLLM refuses a cache that cannot hold one ``max_model_len``
+    sequence."""
     seed: int = 0
     request_seeds: bool = False
     """Seed every request from ``seed`` and the prompt's draw number in the stage's data stream,
@@ -99,6 +103,9 @@ class RolloutConfig:
             raise ValueError(f"{where}.temperature must be > 0 (sampling), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{where}.top_p must be in (0, 1], got {self.top_p}")
+        if not self.kv_cache_gb > 0:
+            raise ValueError(f"{where}.kv_cache_gb must be > 0 (GiB of KV cache per CPU engine), "
+                             f"got {self.kv_cache_gb}")
         if self.max_tokens < 1:
             raise ValueError(f"{where}.max_tokens must be >= 1, got {self.max_tokens}")
         if not self.generate_timeout_s > 0:
@@ -139,8 +146,52 @@ def _no_logprob_token_text() -> bool:
         return plain(cls, None, request)
 
     from_new_request._aha_no_token_text = True
+    from_new_request.vllm_from_new_request = plain  # vLLM's own (bench/bench_generate.py)
     LogprobsProcessor.from_new_request = classmethod(from_new_request)
     return True
+
+
+def _no_helper_compile() -> None:
+    """``rollout.enforce_eager``: no compilation in this process at all. vLLM runs the model
+    eagerly then, but still ``torch.compile``s a few small helpers at their first call (the rank
+    of each sampled token among the logprobs, with inductor): ~2 s of the engine's start on the
+    demo's 2-core machine, for element-wise kernels that take microseconds eagerly (generate
+    measured no slower, bench/README.md). Process-wide (``torch._dynamo.config.disable``, what
+    ``TORCH_COMPILE_DISABLE=1`` sets), so only for processes that host an engine."""
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+def _inspect_in_process(model_path: str) -> None:
+    """Let vLLM inspect the checkpoint's model class in this process (CPU, one-process engines).
+
+    The first time vLLM meets an architecture (per vLLM install; then cached under
+    ``~/.cache/vllm/modelinfos``) it inspects the class in a fresh Python subprocess that imports
+    torch and vLLM again, so that no CUDA context is made in the parent: ~7 CPU-seconds on the
+    engine's critical path (the demo's first engine start on a new machine: 24 s instead of 6 s).
+    Without CUDA there is nothing to protect, and this process imports the class anyway to run
+    it, so it is registered with vLLM's own ``ModelRegistry.register_model`` (as an out-of-tree
+    class is), which vLLM inspects in-process. Anything unexpected leaves vLLM's default."""
+    import importlib
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        from vllm import ModelRegistry
+
+        with open(os.path.join(model_path, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+        for arch in archs:
+            entry = ModelRegistry.models.get(arch)
+            module, name = getattr(entry, "module_name", None), getattr(entry, "class_name", None)
+            if module and name:  # vLLM's own lazily registered class
+                ModelRegistry.register_model(arch, getattr(importlib.import_module(module), name))
+    except Exception as e:  # noqa: BLE001 - an optimisation: vLLM inspects as it always does
+        log.debug("model class inspected by vLLM's subprocess (%s: %s)", type(e).__name__, e)
 
 
 class VllmEngine:
@@ -150,7 +201,6 @@ class VllmEngine:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
         import torch
 
         self.cfg = cfg
@@ -160,8 +210,12 @@ class VllmEngine:
         single = cfg.single_process and not on_gpu and cfg.tensor_parallel == 1
         if single:  # read when the engine is built: set before
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cfg.enforce_eager:
+            _no_helper_compile()
         from vllm import LLM
         _no_logprob_token_text()
+        if single:
+            _inspect_in_process(model_path)
         t0 = time.time()
         native = {}
         if cfg.weight_transport.startswith("vllm_"):
@@ -171,6 +225,7 @@ class VllmEngine:
             max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
             tensor_parallel_size=cfg.tensor_parallel,
             gpu_memory_utilization=cfg.gpu_memory_utilization if on_gpu else 0.05,
+            **({} if on_gpu else {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2 ** 30)}),
             enable_prefix_caching=True, logprobs_mode="processed_logprobs",
             worker_extension_cls="rollout.weights.WorkerExtension", **native,
             **({"distributed_executor_backend": "uni"} if single else {}),

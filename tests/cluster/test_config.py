@@ -32,6 +32,7 @@ def test_dotted_overrides_reach_nested_and_list_fields():
     ("algo.overlong_buffer=24", "algo.overlong_buffer"),
     ("learner.loss.clip_ratio_c=0.5", "clip_ratio_c must be > 1"),
     ("rollout.generate_timeout_s=0", "generate_timeout_s"),
+    ("rollout.kv_cache_gb=0", "rollout.kv_cache_gb must be > 0"),
     ("rollout.group_size=1", "rollout.group_size must be >= 2"),
     ("learner.loss.aggregation=mean", "learner.loss.aggregation must be one of"),
     ("algo.max_staleness=-1", "algo.max_staleness"),
