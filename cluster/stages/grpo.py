@@ -76,14 +76,16 @@ def run(ctl, i, st, job) -> dict:
     # the engines load (the slowest start) while the learner (and the reference actors) load
     rollouts = RolloutPool(model_path, replace(rc, seed=rc.seed + job.run.seed), job.run.rollout_cpus,
                            wait=False, resources=job.run.rollout_resources)
-    reference = None
+    reference = learners = None
     try:
+        learners = LearnerGroup(model_path, lcfg, rc.temperature,
+                                job.run.learner_cpus, job.run.timeout_s, job.run.learner_resources)
         if lcfg.loss.kl_coef > 0 and lcfg.reference == "pool":  # the KL reference in actors of its own
+            # after the learner, still beside the engines (the slowest to start): on a small
+            # machine the engines' start then shares the CPUs with one other actor, not two
             reference = ReferencePool(model_path, ReferenceSpec.of(lcfg, rc.temperature),
                                       lcfg.reference_actors, job.run.reference_cpus,
                                       job.run.reference_resources, job.run.timeout_s, wait=False)
-        learners = LearnerGroup(model_path, lcfg, rc.temperature,
-                                job.run.learner_cpus, job.run.timeout_s, job.run.learner_resources)
         if resumed:
             learners.load_state(os.path.join(resumed["dir"], "learner"))
         rollouts.wait_ready()
@@ -92,8 +94,9 @@ def run(ctl, i, st, job) -> dict:
             reference.wait_ready()
     except BaseException:
         rollouts.shutdown()
-        if reference is not None:
-            reference.shutdown()
+        for pool in (learners, reference):
+            if pool is not None:
+                pool.shutdown()
         raise
     try:
         sync = WeightSync(learners, rollouts, job.run.timeout_s)
