@@ -1,8 +1,11 @@
 """The asynchronous rollout stream: keeps the engines generating while the learner trains.
 
-Each engine has at most one request in flight (up to ``prompts_per_request`` prompts x G samples);
-its result is chained straight into the reward pool (no round trip through the controller), and
-the scored groups wait in a buffer until the controller takes a step's worth.
+Each engine has at most one generation in flight (up to ``prompts_per_request`` prompts x G
+samples); its result is chained straight into the reward pool (no round trip through the
+controller), and the scored groups wait in a buffer until the controller takes a step's worth.
+An engine takes its next request as soon as its generation is done, while that batch is still
+being scored (and run through the reference): it does not wait for the controller to collect it
+(that wait idled the demo's engine ~0.06 s of each asynchronous step).
 
 Staleness. A sample made by weights of version ``v`` and trained on at learner version ``t`` has
 staleness ``t - v``. ``max_staleness`` bounds it (0 = synchronous, on-policy):
@@ -58,6 +61,8 @@ class Request:
     ref: "ray.ObjectRef | None" = None
     """A reference actor's logprobs of the generation (``learner.reference: pool``), computed
     beside the scoring."""
+    generated: bool = False
+    """The engine has returned this generation successfully (it may take another request)."""
 
 
 class RolloutStream:
@@ -100,13 +105,29 @@ class RolloutStream:
             steps = min(steps, self.total_takes - self.takes)
         return steps * self.groups_per_step - self.queued_groups()
 
+    def generating(self) -> set[int]:
+        """Engines with a generation in flight. A request's engine is free once it has returned
+        the generation, while the batch is still scored; one whose generation failed stays taken
+        until :meth:`_collect` has dealt with the failure (no request is sent to a dead engine)."""
+        pending = [r for r in self.inflight.values() if not r.generated]
+        if pending:
+            done, _ = ray.wait([r.gen for r in pending], num_returns=len(pending), timeout=0,
+                               fetch_local=False)
+            done = set(done)
+            for r in pending:
+                r.generated = r.gen in done and ref_error(r.gen) is None
+        return {r.engine for r in self.inflight.values() if not r.generated}
+
     def fill(self) -> None:
         """Start a request on every idle engine, for as many groups as the budget allows (split
         evenly over the idle engines, at most ``prompts_per_request`` each)."""
         busy = {r.engine for r in self.inflight.values()}
-        for idx in sorted(self.rollouts.retiring - busy):  # scaled down: stopped once idle
+        for idx in sorted(self.rollouts.retiring - busy):  # scaled down: stopped once all done
             self.rollouts.stop(idx)
-        idle = [(idx, actor) for idx, actor in self.rollouts.live() if idx not in busy]
+        if self.budget() <= 0:
+            return
+        generating = self.generating()
+        idle = [(idx, actor) for idx, actor in self.rollouts.live() if idx not in generating]
         for k, (idx, actor) in enumerate(idle):
             budget = self.budget()
             if budget <= 0:
@@ -151,7 +172,7 @@ class RolloutStream:
                         req.reward_actor, req.engine, type(error).__name__)
             ref, reward_actor = self.rewards.async_score(req.gen)
             self.inflight[ref] = Request(req.engine, req.n_groups, req.gen, reward_actor, retried=True,
-                                         t0=time.monotonic(), ref=req.ref)
+                                         t0=time.monotonic(), ref=req.ref, generated=True)
             return
         self.dropped["dropped_reward_failed"] += n
         log.error("scoring a batch of engine %d failed twice (%d samples dropped): %s", req.engine, n, error)

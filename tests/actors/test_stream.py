@@ -127,6 +127,41 @@ def run(max_staleness, steps=6, engines=None, groups_per_step=4, reference=None)
     return stale, prefetched, stream
 
 
+@ray.remote
+def slow_passthrough(result, delay):
+    time.sleep(delay)
+    return result
+
+
+class SlowRewards(FakeRewards):
+    def async_score(self, ref):
+        return slow_passthrough.remote(ref, 1.0), 0
+
+
+def test_an_engine_takes_its_next_request_while_its_last_batch_is_scored():
+    # one engine, one request per step, scoring far slower than generating: after the weight
+    # sync the engine starts the next request at once, not when the controller has collected
+    # the scored batch (the engine idled that long before)
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    engine = FakeEngine.remote(delay=0.01)
+    pool = FakePool([engine], cfg)
+    stream = RolloutStream(pool, SlowRewards(), prompts(), 2, 1, timeout_s=30)
+    stream.on_weights_updated(0)
+    stream.take(0)  # request 1, scored; request 2 starts at version 0 (staleness 1 allows it)
+    assert [r.engine for r in stream.inflight.values()] == [0]
+    time.sleep(0.3)  # "train": request 2 is generated meanwhile, and still being scored
+    ray.get(engine.set_version.remote(1))
+    stream.on_weights_updated(1)
+    assert sorted(r.generated for r in stream.inflight.values()) == [False, True]
+    assert [r.engine for r in stream.inflight.values()] == [0, 0]  # request 3 is on its way
+    for v in (1, 2):  # request 2 (version 0) feeds step 1, request 3 (version 1) step 2
+        groups, _ = stream.take(v)
+        assert {s.weight_version for g in groups for s in g} == {v - 1}
+        ray.get(engine.set_version.remote(v + 1))
+        stream.on_weights_updated(v + 1)
+    assert stream.dropped["dropped_stale"] == 0
+
+
 def test_synchronous_when_max_staleness_is_zero():
     stale, prefetched, stream = run(0)
     assert set(stale) == {0}
