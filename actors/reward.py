@@ -66,6 +66,7 @@ class RewardPool:
         learner); :meth:`wait_ready` waits for them, as does every call that needs them."""
         self.cfg, self.num_cpus, self.timeout_s = cfg, num_cpus, start_timeout_s
         self.resources = dict(resources or {})
+        self.started: dict[int, float] = {}  # index -> time.monotonic() its actor was started
         self.actors = [self._start(i) for i in range(cfg.num_actors)]
         self._starting = [a.ready.remote() for a in self.actors]
         self._rr = itertools.cycle(range(len(self.actors)))
@@ -80,6 +81,7 @@ class RewardPool:
             get_all(starting, "reward actor start", self.timeout_s)
 
     def _start(self, index: int):
+        self.started[index] = time.monotonic()
         return RewardActor.options(num_cpus=self.num_cpus, resources=self.resources).remote(self.cfg, index)
 
     def async_score(self, rollout_ref) -> tuple["ray.ObjectRef", int]:
@@ -89,11 +91,16 @@ class RewardPool:
         i = next(self._rr)
         return self.actors[i].score_rollout.remote(rollout_ref), i
 
-    def restart(self, index: int, why: str) -> None:
-        """Replace reward actor ``index`` (stateless: nothing to restore) and wait until it is up."""
+    def restart(self, index: int, why: str, sent_at: float | None = None) -> None:
+        """Replace reward actor ``index`` (stateless: nothing to restore) and wait until it is up.
+        ``sent_at``: ``time.monotonic()`` when the failed call was sent; an actor started since
+        is a replacement already (several calls were queued on the dead one) and is kept: each
+        late failure replacing the fresh actor again killed the retry running on it."""
         self.wait_ready()
         if index >= len(self.actors):
             return  # scaled away; its batch is scored again by another actor
+        if sent_at is not None and self.started.get(index, 0.0) > sent_at:
+            return
         log.error("reward actor %d died (%s); starting a replacement", index, why)
         try:
             ray.kill(self.actors[index])

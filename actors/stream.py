@@ -165,7 +165,7 @@ class RolloutStream:
             return
         # the engine generated; scoring failed
         if isinstance(error, ray.exceptions.RayActorError):
-            self.rewards.restart(req.reward_actor, f"{type(error).__name__}")
+            self.rewards.restart(req.reward_actor, f"{type(error).__name__}", sent_at=req.t0)
         if not req.retried:
             self.counts["reward_retries"] += 1
             log.warning("reward actor %d failed on a batch of engine %d (%s); scoring it again",
