@@ -13,8 +13,12 @@ staleness ``t - v``. ``max_staleness`` bounds it (0 = synchronous, on-policy):
   e + max_staleness``; a request is started only for groups those steps still need (``budget``),
   and is cut to that many prompts, so no generated group is bound to go stale. With 0 nothing is
   generated while the learner trains; with 1 the next batch is generated during the current step;
-- at ``take`` the freshest groups go first, and any sample past the bound is dropped and counted
-  (``dropped_stale``), never trained on silently.
+- at ``take`` the groups the next step could no longer use (made by version
+  ``learner_version - max_staleness``) go first, then the freshest; any sample past the bound is
+  dropped and counted (``dropped_stale``), never trained on silently. Taking only the freshest
+  let a newer batch overtake an older one whenever a step started late (after an evaluation, a
+  checkpoint, a slow first step): the older one then went stale and was thrown away, and the
+  next step waited for a generation of its own.
 
 Failures are told apart by where they happened:
 - the engine's generation failed: a dead engine is removed from the pool (``dropped_actor_died``),
@@ -32,6 +36,7 @@ samples; what is left at the end of a stage is counted by :meth:`close` (``dropp
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -88,7 +93,12 @@ class RolloutStream:
         self.inflight: dict[ray.ObjectRef, Request] = {}
         self.dropped: Counter = Counter()
         self.counts: Counter = Counter()  # generated, trained, reward_retries
-        self.gen_stats: list[dict] = []
+        # each buffered group's request: (its number, its stats); take() reports a request's
+        # stats with the step that trains on its first group (a request collected during an
+        # earlier step, while its engine ran ahead, still shows in the step that uses it)
+        self._origin: dict[int, tuple[int, dict]] = {}
+        self._requests_seen = itertools.count()
+        self._reported: set[int] = set()
         self._failures_in_a_row = 0   # across the pool
         self._engine_failures: Counter = Counter()  # per engine, reset by its next success
 
@@ -255,7 +265,7 @@ class RolloutStream:
                 result["stats"] = {**result["stats"], **ref_stats}
             self._failures_in_a_row = 0
             self._engine_failures[req.engine] = 0
-            self.gen_stats.append({**result["stats"], "engine": req.engine})
+            origin = (next(self._requests_seen), {**result["stats"], "engine": req.engine})
             self.counts["generated"] += len(samples)
             g = self.cfg.group_size
             for i in range(0, len(samples), g):
@@ -266,17 +276,22 @@ class RolloutStream:
                     self.dropped["dropped_aborted"] += len(group)
                     continue
                 self.ready.append(group)
+                self._origin[id(group)] = origin
 
     def take(self, learner_version: int) -> tuple[list[list[Sample]], dict]:
-        """Block until ``groups_per_step`` fresh groups are ready; return the freshest and stats."""
+        """Block until ``groups_per_step`` fresh groups are ready; return them (expiring ones
+        first, then the freshest) and stats."""
         self.next_consumer = learner_version
         t0 = time.time()
         while True:
             fresh = [grp for grp in self.ready
                      if learner_version - grp[0].weight_version <= self.max_staleness]
             self.dropped["dropped_stale"] += sum(len(g) for g in self.ready) - sum(len(g) for g in fresh)
-            fresh.sort(key=lambda grp: -grp[0].weight_version)  # stable: oldest-first within a version
+            # expiring first, then the freshest (stable: oldest-first within a version)
+            expiring = learner_version - self.max_staleness
+            fresh.sort(key=lambda grp: (grp[0].weight_version > expiring, -grp[0].weight_version))
             self.ready = deque(fresh)
+            self._origin = {id(g): self._origin[id(g)] for g in fresh if id(g) in self._origin}
             if len(self.ready) >= self.groups_per_step:
                 break
             self.fill()
@@ -290,7 +305,12 @@ class RolloutStream:
         groups = [self.ready.popleft() for _ in range(self.groups_per_step)]
         self.takes += 1
         self.counts["trained"] += sum(len(g) for g in groups)
-        stats, self.gen_stats = self.gen_stats, []
+        stats = []
+        for g in groups:
+            number, request = self._origin.pop(id(g), (None, None))
+            if number is not None and number not in self._reported:
+                self._reported.add(number)
+                stats.append(request)
         self.next_consumer = learner_version + 1
         self.fill()  # prefetch while the learner trains (only if the staleness bound allows)
         return groups, {"wait_s": time.time() - t0, "requests": stats}
@@ -310,6 +330,7 @@ class RolloutStream:
         self.drain()
         left = sum(len(g) for g in self.ready)
         self.ready.clear()
+        self._origin.clear()
         if left:
             self.dropped["dropped_end_of_stage"] += left
             log.info("%d generated samples left unused at the end of the stage (counted)", left)

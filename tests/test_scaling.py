@@ -19,7 +19,7 @@ def control(cluster, *args):
 
 
 def test_scale_rollout_1_2_1_while_training(ray_cluster, tmp_path):
-    steps = 60
+    steps = 120  # outlasts both scale requests: the second engine alone takes ~15 s to start
     cluster = ray_cluster
     proc, run_dir, log = start_job(cluster, tmp_path, "scale", [
         f"stages.1.steps={steps}", "rollout.num_actors=1", "algo.max_staleness=1"],

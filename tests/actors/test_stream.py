@@ -324,15 +324,46 @@ def test_requests_larger_than_a_step_waste_nothing_when_synchronous():
     assert stream.close() == 0
 
 
-def test_freshest_groups_are_taken_first():
+def test_expiring_groups_go_first_then_the_freshest():
     cfg = RolloutConfig(group_size=2, prompts_per_request=1)
     stream = RolloutStream(FakePool([], cfg), FakeRewards(), prompts(), 1, 2, timeout_s=30)
     mk = lambda v: [Sample(prompt_id=f"v{v}", group_index=j, prompt="", response="", prompt_ids=[1],
                            response_ids=[2], response_logprobs=[-1.0], weight_version=v) for j in range(2)]
-    stream.ready.extend([mk(1), mk(3), mk(2)])
-    groups, _ = stream.take(3)
-    assert groups[0][0].weight_version == 3
-    assert [g[0].weight_version for g in stream.ready] == [2, 1]
+    stream.ready.extend([mk(4), mk(2), mk(3)])
+    groups, _ = stream.take(4)  # max_staleness 2: step 4 is the last that can use version 2
+    assert groups[0][0].weight_version == 2
+    assert [g[0].weight_version for g in stream.ready] == [4, 3]  # then the freshest
+    groups, _ = stream.take(4)
+    assert groups[0][0].weight_version == 4
+    stream.ready.extend([mk(1), mk(5)])
+    groups, _ = stream.take(5)  # version 1 is past the bound (dropped); 3 expires at step 5
+    assert groups[0][0].weight_version == 3 and stream.dropped["dropped_stale"] == 2
+    assert [g[0].weight_version for g in stream.ready] == [5]
+
+
+def test_a_late_step_does_not_let_a_newer_batch_make_an_older_one_stale():
+    # the learner takes after both the batch made at version 0 (for step 1) and the one the engine
+    # started at version 1 (for step 2) are in: step 1 must take the older one, which step 2
+    # could no longer use, and leave the newer one for step 2
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    engine = FakeEngine.remote(delay=0.01)
+    pool = FakePool([engine], cfg)
+    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=30)
+    stream.on_weights_updated(0)
+    stream.take(0)  # request 1; request 2 starts at version 0
+    time.sleep(0.3)
+    ray.get(engine.set_version.remote(1))
+    stream.on_weights_updated(1)  # request 3 starts at version 1
+    time.sleep(0.5)  # a slow step: both are scored before step 1 takes
+    groups, info = stream.take(1)
+    assert {s.weight_version for g in groups for s in g} == {0}
+    assert len(info["requests"]) == 1  # each step reports the request it trains on
+    ray.get(engine.set_version.remote(2))
+    stream.on_weights_updated(2)
+    groups, info = stream.take(2)
+    assert {s.weight_version for g in groups for s in g} == {1}
+    assert len(info["requests"]) == 1  # collected during step 1, reported with step 2
+    assert stream.dropped["dropped_stale"] == 0
 
 
 def test_requests_that_always_fail_stop_the_job_with_the_error():
