@@ -243,10 +243,12 @@ class RewardStub:
 
 
 class RestartingRewards:
-    """Two real reward actors used round-robin; the first dies on its second batch."""
+    """Two real reward actors used round-robin; the first dies on its second batch. Replaces a
+    dead one as RewardPool does: not again for a call sent before the replacement started."""
 
     def __init__(self):
         self.actors = [RewardStub.remote(die_on=2), RewardStub.remote()]
+        self.started = [time.monotonic()] * 2
         self.rr = itertools.cycle(range(2))
         self.restarted = []
 
@@ -255,8 +257,11 @@ class RestartingRewards:
         return self.actors[i].score.remote(ref), i
 
     def restart(self, index, why, sent_at=None):
+        if sent_at is not None and self.started[index] > sent_at:
+            return
         self.restarted.append(index)
         self.actors[index] = RewardStub.remote()
+        self.started[index] = time.monotonic()
 
 
 def test_dead_reward_actor_is_restarted_and_no_engine_is_blamed():
@@ -273,7 +278,9 @@ def test_dead_reward_actor_is_restarted_and_no_engine_is_blamed():
         stream.on_weights_updated(v + 1)
     assert rewards.restarted == [0]
     assert [i for i, _ in pool.live()] == [0, 1]  # both engines still in the pool
-    assert stream.counts["reward_retries"] == 1
+    # one retry per batch queued on the dead actor: one, or two when an engine's next request
+    # was already on it while its last was scored; the actor itself is replaced once
+    assert stream.counts["reward_retries"] in (1, 2)
     assert "dropped_actor_died" not in stream.dropped and "dropped_reward_failed" not in stream.dropped
     assert trained == stream.counts["trained"] == 6 * 2 * 2
     # the retried batch was scored once more, not counted twice
