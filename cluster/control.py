@@ -28,6 +28,7 @@ import sys
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,12 @@ class Control:
     @staticmethod
     def start(job_id: str) -> "Control":
         """Create (or get) the job's control actor, in namespace ``aha`` whatever the driver's
-        namespace; owned by this driver, so it ends with the job."""
+        namespace; owned by this driver, so it ends with the job, and on the driver's node, so it
+        lives as long as the job does (placed elsewhere, a lost node could take the job's control
+        with it while the job runs on)."""
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = JobControl.options(name=control_name(job_id), namespace=CONTROL_NAMESPACE,
-                                   get_if_exists=True).remote()
+                                   get_if_exists=True, scheduling_strategy=here).remote()
         log.info("job control: %s (aha status/scale/stop %s)", control_name(job_id), job_id)
         return Control(actor, job_id)
 

@@ -147,13 +147,18 @@ class RayCluster:
             raise RuntimeError(f"could not read the cluster's nodes:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def wait_nodes(self, n: int, timeout: float) -> list[dict]:
+    def wait_nodes(self, n: int, timeout: float, at_most: bool = False) -> list[dict]:
+        """Wait until at least ``n`` nodes are alive, or with ``at_most`` until the GCS has counted
+        the killed ones dead and at most ``n`` are left (the GCS may place actors on a killed node
+        until its health checks fail)."""
         deadline = time.monotonic() + timeout
         while True:
             nodes = [x for x in self.nodes() if x["alive"]]
-            if len(nodes) >= n or time.monotonic() > deadline:
-                if len(nodes) < n:
-                    raise RuntimeError(f"{len(nodes)} of {n} nodes alive after {timeout:.0f}s")
+            done = len(nodes) <= n if at_most else len(nodes) >= n
+            if done or time.monotonic() > deadline:
+                if not done:
+                    raise RuntimeError(f"{len(nodes)} nodes alive after {timeout:.0f}s, wanted "
+                                       f"{'at most' if at_most else 'at least'} {n}")
                 return nodes
             time.sleep(1.0)
 

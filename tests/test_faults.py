@@ -160,6 +160,8 @@ def test_a_lost_node_is_survived_like_a_dead_engine(ray_cluster, tmp_path):
         for name in ("n3", "n4"):  # leave the shared cluster as it was (the lost node is dead already)
             if cluster.node_processes(name):
                 cluster.kill_node(name)
+        # and wait until the GCS knows: the next test's actors were once placed on a killed node
+        cluster.wait_nodes(2, 120, at_most=True)
     text = log.read_text()
     assert "rollout engine 0 removed from the pool" in text, text[-3000:]
     assert "engine(s) [1] serving" in text, text[-3000:]  # the replacement got the weights and served

@@ -148,6 +148,9 @@ def control_driver(gcs_address: str) -> None:
     ctl.ack(seq, {"ok": True, "message": "rollout pool 1 -> 2"})
     assert ray.get(actor.result.remote(seq))["ok"] is True
     assert Control.start("t-1").actor._actor_id == actor._actor_id  # get_if_exists
+    from ray.util.state import get_actor
+    here = ray.get_runtime_context().get_node_id()  # on the driver's node: it lives as long as the job
+    assert get_actor(actor._actor_id.hex()).node_id == here
 
     ctl.publish({"state": "running", "stage": "0-grpo", "stage_type": "grpo", "step": 3, "steps": 10,
                  "weight_version": 3, "pools": {"rollout": 1, "reward": 1}, "last_row": {"reward_mean": 0.5},
