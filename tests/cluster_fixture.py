@@ -141,11 +141,14 @@ class RayCluster:
         """``ray.nodes()`` of the cluster (alive and dead), read by a driver that joins it."""
         out = self.python("import json, ray\n"
                           f"ray.init(address={self.gcs_address!r}, log_to_driver=False, logging_level='ERROR')\n"
-                          "print(json.dumps([{'alive': n['Alive'], 'resources': n['Resources'], "
+                          "print('NODES ' + json.dumps([{'alive': n['Alive'], 'resources': n['Resources'], "
                           "'node_id': n['NodeID']} for n in ray.nodes()]))")
-        if out.returncode != 0:
-            raise RuntimeError(f"could not read the cluster's nodes:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print its own lines too (a warning about a node's lagging heartbeats after one
+        # was killed): the answer is the marked line
+        got = [x for x in out.stdout.splitlines() if x.startswith("NODES ")]
+        if out.returncode != 0 or not got:
+            raise RuntimeError(f"could not read the cluster's nodes:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        return json.loads(got[-1][len("NODES "):])
 
     def wait_nodes(self, n: int, timeout: float, at_most: bool = False) -> list[dict]:
         """Wait until at least ``n`` nodes are alive, or with ``at_most`` until the GCS has counted
@@ -153,7 +156,13 @@ class RayCluster:
         until its health checks fail)."""
         deadline = time.monotonic() + timeout
         while True:
-            nodes = [x for x in self.nodes() if x["alive"]]
+            try:
+                nodes = [x for x in self.nodes() if x["alive"]]
+            except (RuntimeError, subprocess.TimeoutExpired):  # a read while a node goes: again
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+                continue
             done = len(nodes) <= n if at_most else len(nodes) >= n
             if done or time.monotonic() > deadline:
                 if not done:
