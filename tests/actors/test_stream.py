@@ -138,15 +138,21 @@ class SlowRewards(FakeRewards):
         return slow_passthrough.remote(ref, 1.0), 0
 
 
+def one_engine_stream(rewards):
+    """One fast fake engine, 2 prompts x 2 samples a request and a step, staleness 1, at version 0."""
+    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
+    engine = FakeEngine.remote(delay=0.01)
+    pool = FakePool([engine], cfg)
+    stream = RolloutStream(pool, rewards, prompts(), 2, 1, timeout_s=30)
+    stream.on_weights_updated(0)
+    return engine, pool, stream
+
+
 def test_an_engine_takes_its_next_request_while_its_last_batch_is_scored():
     # one engine, one request per step, scoring far slower than generating: after the weight
     # sync the engine starts the next request at once, not when the controller has collected
     # the scored batch (the engine idled that long before)
-    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
-    engine = FakeEngine.remote(delay=0.01)
-    pool = FakePool([engine], cfg)
-    stream = RolloutStream(pool, SlowRewards(), prompts(), 2, 1, timeout_s=30)
-    stream.on_weights_updated(0)
+    engine, _, stream = one_engine_stream(SlowRewards())
     stream.take(0)  # request 1, scored; request 2 starts at version 0 (staleness 1 allows it)
     assert [r.engine for r in stream.inflight.values()] == [0]
     time.sleep(0.3)  # "train": request 2 is generated meanwhile, and still being scored
@@ -352,11 +358,7 @@ def test_a_late_step_does_not_let_a_newer_batch_make_an_older_one_stale():
     # the learner takes after both the batch made at version 0 (for step 1) and the one the engine
     # started at version 1 (for step 2) are in: step 1 must take the older one, which step 2
     # could no longer use, and leave the newer one for step 2
-    cfg = RolloutConfig(group_size=2, prompts_per_request=2)
-    engine = FakeEngine.remote(delay=0.01)
-    pool = FakePool([engine], cfg)
-    stream = RolloutStream(pool, FakeRewards(), prompts(), 2, 1, timeout_s=30)
-    stream.on_weights_updated(0)
+    engine, _, stream = one_engine_stream(FakeRewards())
     stream.take(0)  # request 1; request 2 starts at version 0
     time.sleep(0.3)
     ray.get(engine.set_version.remote(1))
