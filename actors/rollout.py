@@ -33,6 +33,14 @@ class RolloutActor:
         samples, stats = self.engine.generate(records, n, temperature, top_p)
         return {"batch": to_arrow(samples), "stats": stats}
 
+    @ray.method(num_returns=2)
+    def generate_for_stream(self, records: list[PromptRecord]) -> tuple[dict, int]:
+        """:meth:`generate`, and a second, tiny object: the number of samples. The rollout stream
+        waits on that one to free the engine, so the driver never pulls a generation it only
+        hands on to the reward and reference actors."""
+        out = self.generate(records)
+        return out, out["batch"].num_rows
+
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
         return self.engine.init_weight_group(spec, rank_offset)
 

@@ -68,6 +68,9 @@ class Request:
     beside the scoring."""
     generated: bool = False
     """The engine has returned this generation successfully (it may take another request)."""
+    done: "ray.ObjectRef | None" = None
+    """The generation's sample count (``RolloutActor.generate_for_stream``): ready, or failed,
+    with the generation, and small enough to fetch just to see which."""
 
 
 class RolloutStream:
@@ -121,11 +124,11 @@ class RolloutStream:
         until :meth:`_collect` has dealt with the failure (no request is sent to a dead engine)."""
         pending = [r for r in self.inflight.values() if not r.generated]
         if pending:
-            done, _ = ray.wait([r.gen for r in pending], num_returns=len(pending), timeout=0,
+            done, _ = ray.wait([r.done for r in pending], num_returns=len(pending), timeout=0,
                                fetch_local=False)
             done = set(done)
             for r in pending:
-                r.generated = r.gen in done and ref_error(r.gen) is None
+                r.generated = r.done in done and ref_error(r.done) is None
         return {r.engine for r in self.inflight.values() if not r.generated}
 
     def fill(self) -> None:
@@ -145,12 +148,13 @@ class RolloutStream:
             # spread the budget over the idle engines rather than loading the first one
             n = min(self.cfg.prompts_per_request, -(-budget // (len(idle) - k)))
             records = [next(self.prompts) for _ in range(n)]
-            gen = actor.generate.remote(records)
+            gen, done = actor.generate_for_stream.remote(records)
             # learner.reference: pool: a reference actor runs the KL reference on the generation
             # while a reward actor scores it
             ref_lp = self.reference.submit(gen) if self.reference is not None else None
             ref, reward_actor = self.rewards.async_score(gen)
-            self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic(), ref=ref_lp)
+            self.inflight[ref] = Request(idx, n, gen, reward_actor, t0=time.monotonic(), ref=ref_lp,
+                                         done=done)
 
     # ---- consumption -----------------------------------------------------------------------
     def _failed(self, req: Request, error: BaseException) -> None:

@@ -36,6 +36,11 @@ class FakeEngine:
                    for r in records for j in range(g)]
         return {"batch": to_arrow(samples), "stats": {"time_generate_s": self.delay, "gen_tokens": len(samples)}}
 
+    @ray.method(num_returns=2)
+    def generate_for_stream(self, records):  # RolloutActor's
+        out = self.generate(records)
+        return out, out["batch"].num_rows
+
     def set_version(self, v):
         self.version = v
 
