@@ -36,7 +36,6 @@ samples; what is left at the end of a stage is counted by :meth:`close` (``dropp
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -96,12 +95,10 @@ class RolloutStream:
         self.inflight: dict[ray.ObjectRef, Request] = {}
         self.dropped: Counter = Counter()
         self.counts: Counter = Counter()  # generated, trained, reward_retries
-        # each buffered group's request: (its number, its stats); take() reports a request's
-        # stats with the step that trains on its first group (a request collected during an
+        # each buffered group's request stats, in a box its groups share: take() empties it with
+        # the step that trains on the request's first group (a request collected during an
         # earlier step, while its engine ran ahead, still shows in the step that uses it)
-        self._origin: dict[int, tuple[int, dict]] = {}
-        self._requests_seen = itertools.count()
-        self._reported: set[int] = set()
+        self._origin: dict[int, list[dict]] = {}
         self._failures_in_a_row = 0   # across the pool
         self._engine_failures: Counter = Counter()  # per engine, reset by its next success
 
@@ -269,7 +266,7 @@ class RolloutStream:
                 result["stats"] = {**result["stats"], **ref_stats}
             self._failures_in_a_row = 0
             self._engine_failures[req.engine] = 0
-            origin = (next(self._requests_seen), {**result["stats"], "engine": req.engine})
+            origin = [{**result["stats"], "engine": req.engine}]
             self.counts["generated"] += len(samples)
             g = self.cfg.group_size
             for i in range(0, len(samples), g):
@@ -311,10 +308,9 @@ class RolloutStream:
         self.counts["trained"] += sum(len(g) for g in groups)
         stats = []
         for g in groups:
-            number, request = self._origin.pop(id(g), (None, None))
-            if number is not None and number not in self._reported:
-                self._reported.add(number)
-                stats.append(request)
+            box = self._origin.pop(id(g), [])
+            if box:  # the first of its request's groups this stage takes
+                stats.append(box.pop())
         self.next_consumer = learner_version + 1
         self.fill()  # prefetch while the learner trains (only if the staleness bound allows)
         return groups, {"wait_s": time.time() - t0, "requests": stats}
