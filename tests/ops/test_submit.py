@@ -59,10 +59,23 @@ def test_status_of_an_unknown_job_fails_clearly(ray_cluster):
     assert "aha: no job 'aha-nope-000000'" in out.stderr
 
 
+def engine_nodes(cluster, url: str) -> tuple[dict, list]:
+    """Every RolloutActor the cluster has had (actor id -> node id), and the ids of node2's nodes."""
+    where = cluster.python(
+        "import json\nfrom ray.util.state import list_actors, list_nodes\n"
+        f"a = list_actors(address={url!r}, filters=[('class_name', '=', 'RolloutActor')])\n"
+        f"n = list_nodes(address={url!r}, detail=True)\n"
+        "print(json.dumps([{x.actor_id: x.node_id for x in a}, "
+        "[x.node_id for x in n if 'node2' in x.resources_total]]))")
+    assert where.returncode == 0, where.stderr[-3000:]
+    return tuple(json.loads(where.stdout.strip().splitlines()[-1]))
+
+
 def test_submitted_job_runs_on_the_cluster(ray_cluster, tmp_path):
     cfg = tmp_path / "tiny.yaml"  # outside the project: shipped with the job
     cfg.write_text(yaml.safe_dump(TINY))
     url = ray_cluster.dashboard_url
+    before = engine_nodes(ray_cluster, url)[0].keys()
     sub = aha(ray_cluster, "submit", str(cfg), "--no-follow", "--address", url, cwd=tmp_path)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().splitlines()[-1]
@@ -108,15 +121,10 @@ def test_submitted_job_runs_on_the_cluster(ray_cluster, tmp_path):
            if (j.get("submission_id") or "").startswith("ahactl-")]
     assert ctl and all(st == "SUCCEEDED" for _, st, _ in ctl), [c for c in ctl if c[1] != "SUCCEEDED"]
 
-    # the engine ran on node2 (Ray's state API keeps dead actors)
-    where = ray_cluster.python(
-        "import json\nfrom ray.util.state import list_actors, list_nodes\n"
-        f"a = list_actors(address={url!r}, filters=[('class_name', '=', 'RolloutActor')])\n"
-        f"n = list_nodes(address={url!r}, detail=True)\n"
-        "print(json.dumps([[x.node_id for x in a], [x.node_id for x in n if 'node2' in x.resources_total]]))")
-    assert where.returncode == 0, where.stderr[-3000:]
-    engines, node2 = json.loads(where.stdout.strip().splitlines()[-1])
-    assert engines and set(engines) == set(node2)
+    # the engine ran on node2 (Ray's state API keeps dead actors: those of jobs before this one
+    # on the shared cluster are left out)
+    engines, node2 = engine_nodes(ray_cluster, url)
+    assert engines.keys() - before and {engines[a] for a in engines.keys() - before} == set(node2)
 
 
 # ---- the control actor ------------------------------------------------------------------------------
