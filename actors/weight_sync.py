@@ -11,7 +11,9 @@ Every learner rank takes part in each push (a model-parallel learner gathers its
 collectives; ``LearnerBackend.export_hf_weights``); rank 0 alone sends.
 An engine that is busy generating receives the weights right after its current request (Ray runs
 an actor's calls in order), so samples always carry the version that produced them; the controller
-submits no generation while a push is in flight.
+submits no generation while a push is in flight. A one-process CPU engine finishes reloading the
+weights it received after the push has returned (``VllmEngine.receive_weights``), before its next
+call runs.
 """
 from __future__ import annotations
 
@@ -154,7 +156,10 @@ class WeightSync:
 
     def push(self, version: int, wait_for_new: bool = False) -> dict[str, float]:
         """Blocks until every serving engine, and every newly started one, holds ``version``
-        (``wait_for_new``, or no engine left serving: also wait for engines still starting)."""
+        (``wait_for_new``, or no engine left serving: also wait for engines still starting).
+        "Holds": whatever the engine runs next runs on it. A one-process CPU engine may still be
+        reloading the received weights in the background when this returns; its next call waits
+        for that (``VllmEngine.receive_weights``), so the learner's next step need not."""
         t0 = time.time()
         stats: dict[str, float] = {}
         for attempt in range(1 + self.rollouts.cfg.max_replacements + 2):

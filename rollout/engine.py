@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -208,6 +209,11 @@ class VllmEngine:
         self.weight_version = 0
         on_gpu = torch.cuda.is_available() and cfg.gpus_per_actor > 0
         single = cfg.single_process and not on_gpu and cfg.tensor_parallel == 1
+        # a one-process CPU engine receives and reloads streamed weights in a thread of its own
+        # (receive_weights returns at once; see there)
+        self.background_reload = single
+        self._reload: threading.Thread | None = None
+        self._reload_failed: tuple[int, BaseException] | None = None
         if single:  # read when the engine is built: set before
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cfg.enforce_eager:
@@ -269,6 +275,7 @@ class VllmEngine:
         samples are grouped: the n samples of record i are contiguous."""
         from vllm.inputs import TokensPrompt
 
+        self.settle()
         n = n or self.cfg.group_size
         _debug_slow("generate", self.engine_index)
         texts = [render(self.cfg.template, r.question, self.tokenizer) for r in records]
@@ -305,6 +312,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.settle()
         ids = list(prompt_ids) + list(response_ids)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)],
                                 SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0),
@@ -315,18 +323,64 @@ class VllmEngine:
     # ---- weight sync ----------------------------------------------------------------------
     def init_weight_group(self, spec: GroupSpec, rank_offset: int) -> list[int]:
         from dataclasses import asdict
+        self.settle(repairing=True)  # a new group: the old one's reload must be over
         return self.llm.collective_rpc("aha_init_weight_group", args=(asdict(spec), rank_offset))
 
     def receive_weights(self, metas: list[TensorMeta], bucket_bytes: int, version: int) -> int:
+        """Receive ``version`` over the weight-sync group (the learner broadcasts it meanwhile).
+
+        With ``background_reload`` (a one-process CPU engine) this returns at once and a thread
+        receives the buckets and reloads the model, so the learner's side of the sync (and the
+        controller, which waits for both) is done once the bytes are sent, not once the engine
+        has also re-packed its layers (vLLM's CPU backend rebuilds each linear layer's oneDNN
+        handle at every reload: ~60 % of the demo's sync). The engine's next call waits for the
+        thread first (:meth:`settle`): a generation never starts on half-loaded weights, and
+        every sample still carries the version that made it. A failed reload makes every later
+        generation fail until a later sync loads a complete set."""
         _debug_slow("sync", self.engine_index)
+        self.settle(repairing=True)
         wire = [(m.name, m.dtype, list(m.shape)) for m in metas]
-        n = self.llm.collective_rpc("aha_receive_weights", args=(wire, bucket_bytes))[0]
-        self._after_update(version)
-        return n
+
+        def reload() -> int:
+            n = self.llm.collective_rpc("aha_receive_weights", args=(wire, bucket_bytes))[0]
+            self._after_update(version)
+            return n
+
+        if not self.background_reload:
+            return reload()
+
+        def run() -> None:
+            try:
+                reload()
+            except BaseException as e:  # noqa: BLE001 - raised by the engine's next call
+                self._reload_failed = (version, e)
+
+        self._reload = threading.Thread(target=run, name=f"aha-weight-reload-{version}", daemon=True)
+        self._reload.start()
+        return len(metas)
+
+    def settle(self, repairing: bool = False) -> None:
+        """Wait for a weight reload still running in the background (:meth:`receive_weights`);
+        raise when the last one failed (``repairing``: the caller loads weights anew, so a failed
+        reload is no obstacle). The wait is bounded by the weight-sync group's own timeout (a
+        receive whose sender is gone fails then); past that plus a margin it gives up."""
+        t, self._reload = self._reload, None
+        if t is not None:
+            t.join(timeout=self.cfg.sync_timeout_s + 60)
+            if t.is_alive():
+                self._reload = t
+                raise TimeoutError(f"engine {self.engine_index}: weight reload still running after "
+                                   f"rollout.sync_timeout_s={self.cfg.sync_timeout_s:.0f}s + 60s")
+        if self._reload_failed is not None and not repairing:
+            version, err = self._reload_failed
+            raise RuntimeError(f"engine {self.engine_index}: loading weights version {version} failed "
+                               f"({type(err).__name__}: {err}); it serves nothing until a weight "
+                               "sync loads a complete set") from err
 
     def load_weights(self, named: list, version: int) -> int:
         from safetensors.torch import save
 
+        self.settle(repairing=True)
         payload = save({n: t.detach().contiguous().cpu() for n, t in named})
         n = self.llm.collective_rpc("aha_load_weights", args=(payload,))[0]
         self._after_update(version)
@@ -348,12 +402,14 @@ class VllmEngine:
             raise RuntimeError(f"engine {self.engine_index}: vLLM could not reset its prefix cache "
                                f"after loading weights version {version} (requests still running?)")
         self.weight_version = version
+        self._reload_failed = None  # a complete set is loaded
 
     def workers(self) -> int:
         return self.cfg.tensor_parallel
 
     def shutdown(self) -> None:
         try:
+            self.settle(repairing=True)
             self.llm.collective_rpc("aha_close_weight_group")
         except Exception:  # noqa: BLE001 - best effort at teardown
             pass

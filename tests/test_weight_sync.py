@@ -78,6 +78,34 @@ def test_logprobs_match_after_gloo_sync(setup):
     assert (after - want).abs().max().item() < TOL
 
 
+def test_failed_background_reload_stops_the_engine_until_a_complete_load(setup, monkeypatch):
+    """A one-process CPU engine receives and reloads in a thread (``receive_weights`` returns at
+    once). When that reload fails, the engine's next calls say so instead of generating from
+    half-loaded weights, until a later load brings a complete set."""
+    engine, learner, prompt, response, batch, _ = setup
+    assert engine.background_reload
+    real = engine.llm.collective_rpc
+
+    def broken(method, *args, **kwargs):
+        if method == "aha_receive_weights":
+            raise RuntimeError("bucket 3 lost")
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "collective_rpc", broken)
+    version = engine.weight_version
+    assert engine.receive_weights([], 1 << 18, version + 1) == 0
+    for _ in range(2):  # not just once
+        with pytest.raises(RuntimeError, match=rf"loading weights version {version + 1} failed "
+                                               r"\(RuntimeError: bucket 3 lost\)"):
+            engine.logprobs_of(prompt, response)
+    assert engine.weight_version == version
+    monkeypatch.undo()
+    engine.load_weights([(n, t.clone()) for n, t in learner.named_hf_weights()], learner.version)
+    after = torch.tensor(engine.logprobs_of(prompt, response))
+    assert engine.weight_version == learner.version
+    assert (after - _learner_lp(learner, batch)).abs().max().item() < TOL
+
+
 def test_logprobs_match_after_by_value_sync(setup):
     engine, learner, prompt, response, batch, _ = setup
     learner.train_sft(batch)  # a new version the engine does not have
