@@ -50,6 +50,12 @@ class RolloutActor:
     def load_weights(self, named: list, version: int) -> int:
         return self.engine.load_weights(named, version)
 
+    def settle_weights(self) -> bool:
+        """Wait until no weight receive runs in the background (``VllmEngine.receive_weights``);
+        returns whether the engine holds a complete set of weights."""
+        self.engine.settle(repairing=True)
+        return self.engine.weights_complete
+
     def weight_transfer(self, method: str, payload: dict | None = None):
         return self.engine.weight_transfer(method, payload)
 

@@ -138,8 +138,11 @@ class WeightSync:
                 lost = {live[idx[r] - n][0]: e for r in pending if idx[r] >= n}
                 for i in lost:
                     self.rollouts.terminate(i)
-            # the survivors' calls fail (or finish) once the group's timeout passes at the latest
-            ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s + 30)
+            # the survivors' calls fail (or finish) once the group's timeout passes at the latest,
+            # and so do the receives a CPU engine runs in the background after its call returned
+            # (VllmEngine.receive_weights): a new group can only be made once they are over
+            settling = [a.settle_weights.remote() for i, a in live if i not in lost]
+            ray.wait(refs + settling, num_returns=len(refs) + len(settling), timeout=self.timeout_s + 30)
             # a failed call does not say whose fault it was: ask each engine whether it is still there
             probes = {i: a.ready.remote() for i, a in live if i not in lost}
             for i, ref in probes.items():

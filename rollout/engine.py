@@ -377,6 +377,11 @@ class VllmEngine:
                                f"({type(err).__name__}: {err}); it serves nothing until a weight "
                                "sync loads a complete set") from err
 
+    @property
+    def weights_complete(self) -> bool:
+        """False after a background reload failed, until a later load succeeds."""
+        return self._reload_failed is None
+
     def load_weights(self, named: list, version: int) -> int:
         from safetensors.torch import save
 
