@@ -132,15 +132,22 @@ def run(max_staleness, steps=6, engines=None, groups_per_step=4, reference=None)
     return stale, prefetched, stream
 
 
-@ray.remote
-def slow_passthrough(result, delay):
-    time.sleep(delay)
-    return result
+@ray.remote(num_cpus=0)
+class SlowScorer:
+    def score(self, result, delay):
+        time.sleep(delay)
+        return result
 
 
 class SlowRewards(FakeRewards):
+    """One reward actor that takes 1 s a batch: batches are scored in the order they were sent,
+    as by a RewardPool of one actor (separate Ray tasks could finish in any order when the test
+    cluster's CPUs are taken, and a later batch overtake an earlier one)."""
+    def __init__(self):
+        self.actor = SlowScorer.remote()
+
     def async_score(self, ref):
-        return slow_passthrough.remote(ref, 1.0), 0
+        return self.actor.score.remote(ref, 1.0), 0
 
 
 def one_engine_stream(rewards):
