@@ -333,9 +333,9 @@ class VllmEngine:
         receives the buckets and reloads the model, so the learner's side of the sync (and the
         controller, which waits for both) is done once the bytes are sent, not once the engine
         has also re-packed its layers (vLLM's CPU backend rebuilds each linear layer's oneDNN
-        handle at every reload: more than half of the demo's sync). The engine's next call waits for the
-        thread first (:meth:`settle`): a generation never starts on half-loaded weights, and
-        every sample still carries the version that made it. A failed reload makes every later
+        handle at every reload: more than half of the demo's sync). The engine's next call waits
+        for the thread first (:meth:`settle`): a generation never starts on half-loaded weights,
+        and every sample still carries the version that made it. A failed reload makes every later
         generation fail until a later sync loads a complete set."""
         _debug_slow("sync", self.engine_index)
         self.settle(repairing=True)
