@@ -112,6 +112,7 @@ class Controller:
         self.evaluated: dict[str, dict] = {}  # checkpoint -> its held-out eval row
         self.last_policy = ""
         self._base = ""
+        self._base_lock = threading.Lock()  # the prefetch thread may write the tiny model
         self._committed: dict[int, list[str]] = {}
         self._data: dict[tuple, list[PromptRecord]] = {}
         self.rewards: RewardPool | None = None
@@ -131,9 +132,10 @@ class Controller:
 
     def model_path(self) -> str:
         """The job's base model (``model``)."""
-        if not self._base:
-            self._base = self.base_model(self.cfg.model, "tiny-model")
-        return self._base
+        with self._base_lock:
+            if not self._base:
+                self._base = self.base_model(self.cfg.model, "tiny-model")
+            return self._base
 
     def input_model(self, i: int, st: StageConfig) -> str:
         """Stage ``i``'s input checkpoint (StageConfig.model)."""
@@ -231,13 +233,12 @@ class Controller:
                                 "are not held out), e.g. %r", len(shared), shared[0][:200])
 
     def _preflight_source(self, p: str, key: str, src: Any, job: JobConfig) -> None:
-        from cluster.stages.reward_model import load_pairs
-
         if isinstance(src, dict) and "source" in src:
             src = src["source"]
         if not isinstance(src, str) or src == "":
             return  # {from_stage: NAME}: that stage's output
         if key == "pairs":
+            from cluster.stages.reward_model import load_pairs  # (imports the stages, and torch)
             if not load_pairs(src):
                 raise ValueError(f"{p}data.pairs {src!r} holds no preference pairs")
             return
@@ -344,13 +345,23 @@ class Controller:
             log.warning("job control unavailable (aha status/scale/stop will not reach this job): %s", e)
 
     def prefetch(self) -> None:
-        """Start loading the first stage to run's tokenizer (:func:`prefetch_tokenizer`)."""
+        """In a thread, while Ray starts: write the built-in tiny model if the first stage to run
+        starts from it (~3 s: torch and transformers are imported there), then load that stage's
+        tokenizer (:func:`prefetch_tokenizer`). Errors are left to the stage's own calls."""
         for i, st in enumerate(self.cfg.stages):
             if self.plan[i] is None:
-                path = self.input_model(i, st)
-                if os.path.isdir(path):
-                    prefetch_tokenizer(path)
+                threading.Thread(target=self._prefetch, args=(i, st), name="aha-prefetch",
+                                 daemon=True).start()
                 return
+
+    def _prefetch(self, i: int, st: StageConfig) -> None:
+        try:
+            path = self.input_model(i, st)
+        except Exception as e:  # noqa: BLE001 - the stage meets it again, and reports it
+            log.debug("prefetch of stage %s's model failed: %s", st.name, e)
+            return
+        if os.path.isdir(path):
+            prefetch_tokenizer(path)
 
     # ---- the job ----------------------------------------------------------------------------
     def run(self) -> dict[str, dict]:

@@ -49,14 +49,17 @@ class RunLogger:
         self._parts: dict[str, int] = {}
         self.ray = RayMetrics(run or os.path.basename(os.path.normpath(run_dir)))
         self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
-                log.warning("TensorBoard disabled: %s", e)
+        self._tensorboard = tensorboard  # the writer opens at the first row: importing it imports
+        # torch, which a driver should not wait for before Ray starts (cluster.controller)
 
     def _tb(self, prefix: str, row: dict, step: int) -> None:
+        if self._tensorboard and self.tb is None:
+            self._tensorboard = False
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is optional
+                log.warning("TensorBoard disabled: %s", e)
         if self.tb is None:
             return
         for k, v in row.items():

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from learner.losses import AGGREGATIONS
-
 BACKENDS = ("torch", "megatron")
+# how token losses become one number (learner.losses.aggregate); kept here so that validating a
+# config never imports torch (the driver imports it beside Ray's start, cluster.controller)
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 @dataclass

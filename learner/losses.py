@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from learner.config import AGGREGATIONS
+
 KL_CLAMP = 10.0
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def group_advantages(

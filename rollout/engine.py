@@ -15,11 +15,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rollout.datasets import PromptRecord
 from rollout.templates import TEMPLATES, encode_prompt, render
 from rollout.types import Sample
-from rollout.weights import GroupSpec, NativeReceiver, TensorMeta
+
+if TYPE_CHECKING:  # imported where used: a driver reads RolloutConfig without importing torch
+    from rollout.weights import GroupSpec, TensorMeta
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +239,7 @@ class VllmEngine:
             worker_extension_cls="rollout.weights.WorkerExtension", **native,
             **({"distributed_executor_backend": "uni"} if single else {}),
         )
+        from rollout.weights import NativeReceiver
         self.receiver = NativeReceiver(self.llm) if native else None
         # quiet vLLM's expected "Failed to load weights" warnings for tied / computed layers in
         # every worker before the first sync, whichever transport reloads (rollout.weights)

@@ -1,4 +1,6 @@
 """Config: built, overridden and validated before any actor starts; errors name the field."""
+import os
+
 import pytest
 import yaml
 
@@ -130,3 +132,40 @@ def test_sft_stages_load_no_reference_model(tmp_path):
     ctl = Controller(cfg)
     assert ctl.learner_cfg(cfg.stages[0]).loss.kl_coef == 0.0  # sft
     assert ctl.learner_cfg(cfg.stages[1]).loss.kl_coef == 0.01  # grpo keeps its KL
+
+
+def test_driver_reaches_ray_start_without_importing_torch(tmp_path):
+    """What `aha train` runs before ``ray.init`` (config, controller, preflight, run directory)
+    imports neither torch nor transformers: the tokenizer's prefetch thread imports them beside
+    Ray's start (~1 s of the start on 2 cores). Run in a fresh interpreter: this one has torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cluster.cli import DEMO_CONFIG\n"
+        "from cluster.config import load_config\n"
+        "from cluster.controller import Controller, start_ray\n"
+        f"cfg = load_config(DEMO_CONFIG, ['run.root={tmp_path}', 'run.name=imports'])\n"
+        "Controller(cfg)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_prefetch_writes_the_tiny_model_once_beside_the_driver(tmp_path):
+    """``Controller.prefetch`` writes the built-in tiny model in its thread; the stage's own
+    ``model_path`` call waits for it and gets the same checkpoint (not a second one)."""
+    from cluster.controller import Controller, tokenizer
+
+    cfg = load_config(DEMO_CONFIG, [f"run.root={tmp_path}", "run.name=prefetch"])
+    ctl = Controller(cfg)
+    made, base_model = [], ctl.base_model
+    ctl.base_model = lambda *a: made.append(a) or base_model(*a)
+    ctl.prefetch()
+    path = ctl.model_path()
+    assert os.path.isfile(os.path.join(path, "config.json"))
+    assert ctl.model_path() == path and ctl.input_model(0, cfg.stages[0]) == path
+    assert len(made) == 1
+    assert tokenizer(path)("1 + 1")["input_ids"]
