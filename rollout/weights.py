@@ -75,11 +75,32 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+def await_listener(host: str, port: int, timeout_s: float, poll_s: float = 0.01) -> None:
+    """Return once ``host:port`` accepts a TCP connection (or after ``timeout_s``: the caller's
+    own connect then fails with its own error). A ``TCPStore`` client that finds no server yet
+    backs off 0.3-0.5 s before it tries again: an engine reaching the group before the learner
+    has opened the store (usual: the learner first exports its weights) lost that much."""
+    import socket
+    import time
+
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(poll_s, 1.0)):
+                return
+        except OSError:
+            if time.monotonic() >= end:
+                return
+            time.sleep(poll_s)
+
+
 def make_group(spec: GroupSpec, rank: int):
     """A process group of ``spec.world_size`` ranks that does not use the default group."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=spec.timeout_s)
+    if rank != 0:
+        await_listener(spec.host, spec.port, spec.timeout_s)
     store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=(rank == 0),
                           timeout=timeout, wait_for_workers=False)
     store = dist.PrefixStore("aha-weights", store)

@@ -202,3 +202,30 @@ def test_sampled_logprobs_match_the_learner_at_temperature_and_not_under_top_p(s
     nucleus = gaps(0.7)
     # learner (full softmax) below engine (nucleus-renormalised): the TIS weight shrinks
     assert torch.exp(nucleus).mean().item() < 0.97
+
+
+def test_group_member_waits_for_a_late_store_then_joins():
+    """A member reaching the group before rank 0 has opened its store (the engine usually does: the
+    learner first exports its weights) polls for the listener and joins once it is up; with no
+    listener at all the wait ends at its timeout and the store's own connect error follows."""
+    import socket
+
+    from rollout.weights import await_listener, broadcast, make_group
+
+    port = free_tcp_port()
+    with socket.socket() as probe:  # nothing listens there: returns at the timeout, no error
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    await_listener("127.0.0.1", port, timeout_s=0.2)
+
+    spec = GroupSpec("127.0.0.1", port, 2, "gloo", timeout_s=60)
+
+    def rank0():
+        threading.Event().wait(0.3)  # opens the store late
+        broadcast(make_group(spec, 0), torch.arange(4, dtype=torch.float32))
+
+    th = threading.Thread(target=rank0)
+    th.start()
+    t = torch.zeros(4)
+    broadcast(make_group(spec, 1), t)
+    th.join(60)
+    assert t.tolist() == [0.0, 1.0, 2.0, 3.0]
