@@ -66,8 +66,9 @@ class ReferencePool:
             log.info("reference pool: %d actor(s) up (%s)", len(info), info[0]["dtype"])
 
     def submit(self, generated_ref) -> "ray.ObjectRef":
-        """The reference logprobs of a pending generation, computed once it is done (returns at once)."""
-        self.wait_ready()
+        """The reference logprobs of a pending generation, computed once it is done (returns at
+        once; on an actor still starting, Ray queues the call, so the first generations overlap
+        the reference's start: the stage awaits :meth:`wait_ready` after its first requests)."""
         return self.actors[next(self._rr)].logprobs.remote(generated_ref)
 
     def shutdown(self) -> None:

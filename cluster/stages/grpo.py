@@ -90,8 +90,7 @@ def run(ctl, i, st, job) -> dict:
             learners.load_state(os.path.join(resumed["dir"], "learner"))
         rollouts.wait_ready()
         ctl.rewards.wait_ready()  # started before the stage, beside the engines and the learner
-        if reference is not None:
-            reference.wait_ready()
+        # the reference actor (started last) is awaited once the first generations are asked for
     except BaseException:
         rollouts.shutdown()
         for pool in (learners, reference):
@@ -120,7 +119,9 @@ def run(ctl, i, st, job) -> dict:
             version, first = 0, 0
             ctl.record_eval(st.name, "start", ctl.evaluated.get(model_path)
                             or ctl.evaluate(rollouts, test, job, st.name, 0))
-        stream.on_weights_updated(version)
+        stream.on_weights_updated(version)  # the first requests: engines generate while ...
+        if reference is not None:  # ... the reference actor finishes its start (a failed start
+            reference.wait_ready()  # is a clear error here, before any step)
         t_step = time.time()
         bar = tqdm(range(first, st.steps), desc=st.name, dynamic_ncols=True, initial=first, total=st.steps)
         for step in bar:
