@@ -242,23 +242,25 @@ def aha_child(out: str, overrides: list[str]) -> int:
     t0 = time.time()
     import ray
 
-    import actors.learner as al
     import actors.reward as ar
-    import actors.rollout as aro
-    import actors.weight_sync as aw
     import cluster.controller as cc
     import cluster.metrics as cm
     from cluster.config import load_config
     from cluster.cli import DEMO_CONFIG
-    events.append(("import aha (ray, torch, ...)", t0, time.time()))
+    # what `aha train` imports before Ray starts (no torch: the tokenizer's prefetch thread imports
+    # it beside ray.init); the stages' modules are imported after, as `Controller.run` does
+    events.append(("import aha's driver (ray, config, controller)", t0, time.time()))
 
-    def timed(owner, attr: str, label: str, after=None):
+    def timed(owner, attr: str, label: str, after=None, once: bool = False):
         orig = getattr(owner, attr)
+        calls = []
 
         def wrapper(*a, **k):
             s = time.time()
             r = orig(*a, **k)
-            events.append((label, s, time.time()))
+            calls.append(s)
+            if not once or len(calls) == 1:
+                events.append((label, s, time.time()))
             if after is not None:
                 after(a[0] if a else None)
             return r
@@ -297,17 +299,27 @@ def aha_child(out: str, overrides: list[str]) -> int:
         if "rollout actor (vLLM LLM front end)" in pools:
             probes["engine_start_s"] = pools["rollout actor (vLLM LLM front end)"].start_s
 
+    def wrap_stage_modules():
+        import actors.learner as al
+        import actors.reference as aref
+        import actors.rollout as aro
+        import actors.weight_sync as aw
+        import cluster.stages.grpo as cg
+        timed(al.LearnerGroup, "__init__", "learner group start (actor + 2 models)", keep("learner"))
+        timed(aro.RolloutPool, "__init__", "rollout pool start (vLLM engine)",
+              keep("rollout actor (vLLM LLM front end)"))
+        if hasattr(aro.RolloutPool, "wait_ready"):  # engines started without waiting, then awaited
+            timed(aro.RolloutPool, "wait_ready", "rollout pool: wait for the vLLM engine")
+        if hasattr(aref.ReferencePool, "wait_ready"):
+            timed(aref.ReferencePool, "wait_ready", "reference pool: wait for the reference actor",
+                  once=True)  # (the stream calls it again before each use: no wait then)
+        timed(aw.WeightSync, "__init__", "weight-sync group setup")
+        timed(cg, "fit_prompts", "driver: fit_prompts (tokenize every prompt)")
+
     timed(ar.RewardPool, "__init__", "reward pool start", keep("reward"))
-    timed(al.LearnerGroup, "__init__", "learner group start (actor + 2 models)", keep("learner"))
-    timed(aro.RolloutPool, "__init__", "rollout pool start (vLLM engine)",
-          keep("rollout actor (vLLM LLM front end)"))
-    if hasattr(aro.RolloutPool, "wait_ready"):  # engines started without waiting, then awaited
-        timed(aro.RolloutPool, "wait_ready", "rollout pool: wait for the vLLM engine")
-    timed(aw.WeightSync, "__init__", "weight-sync group setup")
     timed(cc.Controller, "model_path", "model path")
-    import cluster.stages.grpo as cg
-    timed(cc, "tokenizer", "driver: AutoTokenizer.from_pretrained")
-    timed(cg, "fit_prompts", "driver: fit_prompts (tokenize every prompt)")
+    timed(cc.Controller, "_start_control", "job control actor (aha status/scale/stop)")
+    timed(cc, "tokenizer", "driver: AutoTokenizer.from_pretrained (awaits the prefetch)")
     step_ends: list[float] = []
     threads_at_step: list = []
     orig_metrics = cm.RunLogger.metrics
@@ -331,6 +343,9 @@ def aha_child(out: str, overrides: list[str]) -> int:
     t = time.time()
     cc.start_ray(cfg)
     events.append(("ray.init (local cluster)", t, time.time()))
+    t = time.time()
+    wrap_stage_modules()
+    events.append(("import aha's stages (torch, ...; Controller.run does it here)", t, time.time()))
     t_run = time.time()
     ctl.run()
     t_end = time.time()
