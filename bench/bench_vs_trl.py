@@ -251,16 +251,13 @@ def aha_child(out: str, overrides: list[str]) -> int:
     # it beside ray.init); the stages' modules are imported after, as `Controller.run` does
     events.append(("import aha's driver (ray, config, controller)", t0, time.time()))
 
-    def timed(owner, attr: str, label: str, after=None, once: bool = False):
+    def timed(owner, attr: str, label: str, after=None):
         orig = getattr(owner, attr)
-        calls = []
 
         def wrapper(*a, **k):
             s = time.time()
             r = orig(*a, **k)
-            calls.append(s)
-            if not once or len(calls) == 1:
-                events.append((label, s, time.time()))
+            events.append((label, s, time.time()))
             if after is not None:
                 after(a[0] if a else None)
             return r
@@ -310,9 +307,7 @@ def aha_child(out: str, overrides: list[str]) -> int:
               keep("rollout actor (vLLM LLM front end)"))
         if hasattr(aro.RolloutPool, "wait_ready"):  # engines started without waiting, then awaited
             timed(aro.RolloutPool, "wait_ready", "rollout pool: wait for the vLLM engine")
-        if hasattr(aref.ReferencePool, "wait_ready"):
-            timed(aref.ReferencePool, "wait_ready", "reference pool: wait for the reference actor",
-                  once=True)  # (the stream calls it again before each use: no wait then)
+        timed(aref.ReferencePool, "wait_ready", "reference pool: wait for the reference actor")
         timed(aw.WeightSync, "__init__", "weight-sync group setup")
         timed(cg, "fit_prompts", "driver: fit_prompts (tokenize every prompt)")
 

@@ -112,7 +112,8 @@ class Controller:
         self.evaluated: dict[str, dict] = {}  # checkpoint -> its held-out eval row
         self.last_policy = ""
         self._base = ""
-        self._base_lock = threading.Lock()  # the prefetch thread may write the tiny model
+        # held by the prefetch thread while it writes the tiny model and registers its tokenizer
+        self._base_lock = threading.RLock()
         self._committed: dict[int, list[str]] = {}
         self._data: dict[tuple, list[PromptRecord]] = {}
         self.rewards: RewardPool | None = None
@@ -355,13 +356,16 @@ class Controller:
                 return
 
     def _prefetch(self, i: int, st: StageConfig) -> None:
-        try:
-            path = self.input_model(i, st)
-        except Exception as e:  # noqa: BLE001 - the stage meets it again, and reports it
-            log.debug("prefetch of stage %s's model failed: %s", st.name, e)
-            return
-        if os.path.isdir(path):
-            prefetch_tokenizer(path)
+        # under the lock: a stage's model_path() call waits until the tokenizer's load is
+        # registered, so its tokenizer() call takes that load rather than starting a second one
+        with self._base_lock:
+            try:
+                path = self.input_model(i, st)
+            except Exception as e:  # noqa: BLE001 - the stage meets it again, and reports it
+                log.debug("prefetch of stage %s's model failed: %s", st.name, e)
+                return
+            if os.path.isdir(path):
+                prefetch_tokenizer(path)
 
     # ---- the job ----------------------------------------------------------------------------
     def run(self) -> dict[str, dict]:

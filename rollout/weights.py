@@ -86,7 +86,7 @@ def await_listener(host: str, port: int, timeout_s: float, poll_s: float = 0.01)
     end = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, port), timeout=max(poll_s, 1.0)):
+            with socket.create_connection((host, port), timeout=1.0):
                 return
         except OSError:
             if time.monotonic() >= end:
